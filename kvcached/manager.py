@@ -1,0 +1,285 @@
+"""The block-level API an engine calls: alloc(n) returns block ids or None, free(ids) gives them back.
+
+Note: a page holds G blocks of every layer (see layout.py); the engine thinks in blocks. Memory goes back to the
+device only when a page has no block in use, so placement decides how much an idle engine holds: alloc() fills the
+fullest partly used page first (best fit), which keeps few pages partly used, and a page whose last block is freed goes
+back to the page allocator at once. Within a page, a fresh page hands out ascending ids and freed blocks are reused
+last-freed-first (no sorting on the hot path). alloc() never raises for lack of memory: it returns None and changes nothing, and
+the engine waits or preempts as it does when its own pool is full. Every call is validated before anything changes,
+so a bad call (double free, an id never handed out) raises and leaves the state as it was. One lock makes the manager
+safe for several threads; the page allocator below it has its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from .config import Config, get_logger
+from .errors import BlockError, ShutdownError
+from .layout import KVGeometry, KVLayout
+from .page_allocator import MemoryStats, PageAllocator
+from .vmm import open_vmm
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    allocated_blocks: int
+    free_blocks_in_mapped_pages: int
+    available_blocks: int  # what alloc() could hand out right now
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        geometry: KVGeometry,
+        device: str = "cpu",
+        *,
+        limit_bytes: Optional[int] = None,
+        virtual_bytes: Optional[int] = None,
+        reserve_null_block: bool = True,
+        background: bool = True,
+        config: Optional[Config] = None,
+        ipc_name: Optional[str] = None,
+        register: bool = True,
+    ) -> None:
+        """Reserve address space for `geometry` on `device` ("cpu" or "cuda:N") and build the per-layer KV tensors.
+
+        `virtual_bytes` defaults to KVCACHED_VIRTUAL_SIZE, else the device's total memory; `limit_bytes` to
+        KVCACHED_MEMORY_LIMIT, else none. With `reserve_null_block`, block `null_block` is taken at start and never
+        handed out: engines point padding at it, so it must stay mapped. With `register`, the instance publishes its
+        memory in the shared-memory registry under `ipc_name` (default: KVCACHED_IPC_NAME, else a unique name), where
+        `kvctl` and `kvtop` see it and operators set its limit.
+        """
+        config = config or Config.from_env()
+        self.config = config
+        self.vmm = open_vmm(device)
+        self.device = self.vmm.device
+        virtual = virtual_bytes or config.virtual_size or self.vmm.total_memory()
+        self.layout = KVLayout(geometry, config.page_size_bytes, self.vmm.granularity, virtual)
+        self._base = self.vmm.reserve(self.layout.reserved_bytes)
+        self._registration = None
+        explicit_limit = limit_bytes if limit_bytes is not None else config.memory_limit
+        self.pages = PageAllocator(
+            self.vmm,
+            self._base,
+            self.layout.page_bytes,
+            self.layout.num_pages,
+            min_reserved=config.min_reserved_pages,
+            max_reserved=config.max_reserved_pages,
+            utilization=config.gpu_utilization,
+            trim_idle_s=config.trim_idle_s,
+            limit_bytes=explicit_limit,
+            background=background,
+            on_change=self._publish,
+        )
+        self._lock = threading.Lock()
+        self._allocated: set[int] = set()
+        self._free_in_page: dict[int, list[int]] = {}  # page in use -> its free block ids (absent when full)
+        self._fullest: list[tuple[int, int]] = []  # heap of (free count, page); stale entries are skipped
+        self._num_free = 0
+        self._closed = False
+        self.null_block: Optional[int] = None
+        if reserve_null_block:
+            ids = self.alloc(1)
+            if ids is None:
+                self.shutdown()
+                raise MemoryError("no memory for the null block: the limit or the device's free memory is below one page")
+            self.null_block = ids[0]
+        if register:
+            from .registry import Registration
+
+            self._registration = Registration.open(
+                ipc_name if ipc_name is not None else config.ipc_name,
+                device=self.device,
+                virtual_bytes=self.layout.num_pages * self.layout.page_bytes,
+                device_total_bytes=self.vmm.total_memory(),
+                explicit_limit=explicit_limit,
+                stats=self.memory_stats,
+                apply_limit=self.resize,
+            )
+        # Made after the null block's page is mapped: the driver then knows the range as device memory.
+        self.kv_tensors: list[torch.Tensor] = self.layout.layer_views(self.vmm.tensor(self._base, self.layout.reserved_bytes))
+        get_logger(config).debug(
+            "KV cache on %s: %d pages of %d bytes (%d blocks each), %d block ids",
+            self.device, self.layout.num_pages, self.layout.page_bytes, self.layout.blocks_per_page,
+            self.layout.num_block_ids,
+        )
+
+    @property
+    def ipc_name(self) -> Optional[str]:
+        return self._registration.name if self._registration else None
+
+    @property
+    def num_block_ids(self) -> int:
+        """Size of the block-id space (first dimension of each layer tensor); ids handed out are sparse within it."""
+        return self.layout.num_block_ids
+
+    # ---- blocks ---------------------------------------------------------------------------------------------------
+
+    def alloc(self, n: int) -> Optional[list[int]]:
+        """`n` block ids, or None (and no change) when the limit or the device's memory does not allow them."""
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"alloc() needs a block count > 0, got {n!r}")
+        g = self.layout.blocks_per_page
+        with self._lock:
+            self._check_open()
+            new_pages = -(-(n - self._num_free) // g) if n > self._num_free else 0
+            if new_pages and new_pages > self.pages.available_pages():
+                return None
+            if not self._map_pages(new_pages):
+                return None
+            ids: list[int] = []
+            while len(ids) < n:
+                page = self._fullest_page()
+                free = self._free_in_page[page]
+                take = min(n - len(ids), len(free))
+                ids += free[: -take - 1 : -1]  # ascending
+                del free[-take:]
+                self._set_free_count(page, free)
+            self._num_free -= n
+            self._allocated.update(ids)
+            return ids
+
+    def free(self, ids: Iterable[int]) -> None:
+        """Give back ids from alloc(); raises BlockError, changing nothing, if any is unknown, free or repeated."""
+        ids = list(ids)
+        with self._lock:
+            self._check_open()
+            self._check_freeable(ids)
+            self._allocated.difference_update(ids)
+            m = self.layout.ids_per_page
+            touched = set()
+            for block in ids:
+                page = block // m
+                self._free_in_page.setdefault(page, []).append(block)
+                touched.add(page)
+            self._num_free += len(ids)
+            for page in touched:
+                self._settle(page)
+
+    def clear(self) -> None:
+        """Free every block handed out (the null block stays)."""
+        with self._lock:
+            self._check_open()
+            ids = sorted((i for i in self._allocated if i != self.null_block), reverse=True)
+        if ids:
+            self.free(ids)  # freed highest first, so that allocation restarts at the lowest ids as when fresh
+
+    def available_size(self) -> int:
+        """Blocks alloc() can hand out now: free blocks in mapped pages plus the pages still allowed."""
+        with self._lock:
+            self._check_open()
+            return self._num_free + self.pages.available_pages() * self.layout.blocks_per_page
+
+    def num_allocated(self) -> int:
+        with self._lock:
+            return len(self._allocated)
+
+    # ---- memory -------------------------------------------------------------------------------------------------
+
+    def resize(self, limit_bytes: Optional[int]) -> None:
+        """Cap mapped memory (None: no cap). Premapped memory above it is released now; blocks in use are kept."""
+        self._check_open()
+        self.pages.set_limit(limit_bytes)
+
+    def memory_stats(self) -> MemoryStats:
+        return self.pages.stats()
+
+    def block_stats(self) -> BlockStats:
+        with self._lock:
+            return BlockStats(
+                allocated_blocks=len(self._allocated),
+                free_blocks_in_mapped_pages=self._num_free,
+                available_blocks=self._num_free + self.pages.available_pages() * self.layout.blocks_per_page,
+            )
+
+    def shutdown(self) -> None:
+        """Unmap everything and give the address space back. The KV tensors must not be touched afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._registration is not None:
+            self._registration.close()
+        self.pages.close()
+        self.vmm.unreserve(self._base, self.layout.reserved_bytes)
+        self.vmm.close()
+
+    def _publish(self, stats: MemoryStats) -> None:
+        """Called by the page allocator, under its lock, after every change of mapped memory."""
+        if self._registration is not None:
+            self._registration.publish(stats)
+
+    # ---- internals (under self._lock) -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShutdownError("the KV cache manager was shut down")
+
+    def _check_freeable(self, ids: list[int]) -> None:
+        unique = set(ids)
+        if len(unique) != len(ids):
+            raise BlockError(f"free() got repeated block ids: {sorted(i for i in unique if ids.count(i) > 1)[:8]}")
+        if unique <= self._allocated and self.null_block not in unique:
+            return
+        if self.null_block in unique:
+            raise BlockError(f"block {self.null_block} is the null block; it is never freed")
+        bad = sorted(i for i in unique if i not in self._allocated)
+        kinds = ["not a block id of this cache" if not self._is_id(i) else "not allocated" for i in bad[:8]]
+        raise BlockError("free() got ids that are not allocated: " + ", ".join(f"{i} ({k})" for i, k in zip(bad, kinds)))
+
+    def _is_id(self, block: object) -> bool:
+        return isinstance(block, int) and self.layout.is_valid(block)
+
+    def _map_pages(self, count: int) -> bool:
+        """Add `count` fresh pages; on a shortfall, give back those already taken and return False."""
+        taken = []
+        for _ in range(count):
+            page = self.pages.alloc()
+            if page is None:
+                for p in taken:
+                    self.pages.free(p)
+                return False
+            taken.append(page)
+        g = self.layout.blocks_per_page
+        for page in taken:
+            self._free_in_page[page] = list(reversed(self.layout.block_ids(page)))  # lowest id handed out first
+            self._num_free += g
+            self._rank(page, g)
+        return True
+
+    def _fullest_page(self) -> int:
+        """The page with the fewest free blocks, not full."""
+        while True:
+            count, page = self._fullest[0]
+            free = self._free_in_page.get(page)
+            if free is not None and len(free) == count and count > 0:
+                return page
+            heapq.heappop(self._fullest)
+
+    def _set_free_count(self, page: int, free: list[int]) -> None:
+        if free:
+            self._rank(page, len(free))
+        else:
+            del self._free_in_page[page]
+
+    def _rank(self, page: int, free_count: int) -> None:
+        heapq.heappush(self._fullest, (free_count, page))
+        if len(self._fullest) > 4 * len(self._free_in_page) + 64:  # drop stale entries now and then
+            self._fullest = [(len(f), p) for p, f in self._free_in_page.items()]
+            heapq.heapify(self._fullest)
+
+    def _settle(self, page: int) -> None:
+        """After blocks of `page` were freed: give the page back when it is empty, else re-rank it."""
+        free = self._free_in_page[page]
+        if len(free) == self.layout.blocks_per_page:
+            del self._free_in_page[page]
+            self._num_free -= len(free)
+            self.pages.free(page)
+        else:
+            self._rank(page, len(free))
