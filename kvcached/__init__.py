@@ -1,14 +1,27 @@
-"""kvcached: an elastic KV cache for LLM serving engines, mapped on demand over virtual memory."""
+"""kvcached: an elastic KV cache for LLM serving engines, mapped on demand over virtual memory.
 
-from .config import Config
-from .errors import BlockError, ConfigError, DriverError, KVCachedError, NoCudaDriverError, ShutdownError
-from .layout import KVGeometry, KVLayout
-from .manager import BlockStats, KVCacheManager
-from .page_allocator import MemoryStats, PageAllocator
+Names are imported on first use: the start-up hook (kvcached_autopatch.pth) runs in every Python process of an
+environment, and must not pull in torch there.
+"""
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlockError", "BlockStats", "Config", "ConfigError", "DriverError", "KVCacheManager", "KVCachedError",
-    "KVGeometry", "KVLayout", "MemoryStats", "NoCudaDriverError", "PageAllocator", "ShutdownError",
-]
+_EXPORTS = {
+    "Config": "config",
+    "BlockError": "errors", "ConfigError": "errors", "DriverError": "errors", "KVCachedError": "errors",
+    "NoCudaDriverError": "errors", "ShutdownError": "errors",
+    "KVGeometry": "layout", "KVLayout": "layout",
+    "BlockStats": "manager", "KVCacheManager": "manager",
+    "MemoryStats": "page_allocator", "PageAllocator": "page_allocator",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvcached' has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

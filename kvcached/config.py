@@ -6,6 +6,7 @@ with one message naming the variable, the value and what is allowed, instead of 
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -74,11 +75,27 @@ def _text(text: str) -> str:
     return text
 
 
+def _directory(text: str) -> str:
+    if not os.path.isabs(text) or not os.path.isdir(text):
+        raise ValueError("expected the absolute path of an existing directory")
+    return text
+
+
+def _group(text: str) -> int:
+    value = text.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError("expected the name or numeric id of an existing group") from None
+
+
 @dataclass(frozen=True)
 class Config:
     enabled: bool = False
     autopatch: bool = False
-    page_size_mb: float = 2.0            # physical memory per layer piece in one page
+    page_size_mb: Optional[float] = None  # memory per layer piece in one page; None: 2 MiB on GPUs, 256 KiB on host
     min_reserved_pages: int = 1          # premapped pages kept ready while the engine is busy
     max_reserved_pages: int = 4          # premapped pages kept at most; freed pages beyond are unmapped
     gpu_utilization: float = 0.95        # never map past this fraction of the device's total memory
@@ -86,22 +103,14 @@ class Config:
     memory_limit: Optional[int] = None   # bytes this instance may map; None = no limit of its own
     virtual_size: Optional[int] = None   # bytes of address space; None = the device's total memory
     ipc_name: Optional[str] = None       # registry name; None = a unique default
+    ipc_dir: str = "/dev/shm"            # where registry segments live; kvctl and kvtop must be given the same
+    ipc_group: Optional[int] = None      # group that may also use registry segments (0660); None = owner only (0600)
     max_cached_tokens: Optional[int] = None  # prefix-cache bound (tokens in cached but unused blocks)
     log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Config":
-        env = os.environ if environ is None else environ
-        values = {}
-        for name, (field_name, parse) in _VARIABLES.items():
-            raw = env.get(name)
-            if raw is None:
-                continue
-            try:
-                values[field_name] = parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
-        config = cls(**values)
+        config = cls(**{field_name: read_variable(name, environ) for name, (field_name, _) in _VARIABLES.items()})
         if config.max_reserved_pages < config.min_reserved_pages:
             raise ConfigError(
                 f"KVCACHED_MAX_RESERVED_PAGES={config.max_reserved_pages} is below "
@@ -110,8 +119,8 @@ class Config:
         return config
 
     @property
-    def page_size_bytes(self) -> int:
-        return int(round(self.page_size_mb * (1 << 20)))
+    def page_size_bytes(self) -> Optional[int]:
+        return None if self.page_size_mb is None else int(round(self.page_size_mb * (1 << 20)))
 
 
 _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -125,10 +134,24 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KVCACHED_MEMORY_LIMIT": ("memory_limit", _size),
     "KVCACHED_VIRTUAL_SIZE": ("virtual_size", _size),
     "KVCACHED_IPC_NAME": ("ipc_name", _text),
+    "KVCACHED_IPC_DIR": ("ipc_dir", _directory),
+    "KVCACHED_IPC_GROUP": ("ipc_group", _group),
     "KVCACHED_MAX_CACHED_TOKENS": ("max_cached_tokens", _non_negative_int),
     "KVCACHED_LOG_LEVEL": ("log_level", _log_level),
 }
 assert {f for f, _ in _VARIABLES.values()} == {f.name for f in fields(Config)}
+
+
+def read_variable(name: str, environ: Optional[Mapping[str, str]] = None) -> object:
+    """One variable of the table, parsed (its default when unset), without validating the others."""
+    field_name, parse = _VARIABLES[name]
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None:
+        return getattr(Config, field_name)
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
 
 
 def get_logger(config: Optional[Config] = None) -> logging.Logger:

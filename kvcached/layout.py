@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -48,6 +48,19 @@ class KVGeometry:
     @property
     def num_pieces(self) -> int:
         return self.num_layers * self.pieces_per_layer
+
+
+_CUDA_PIECE_PAGE = 2 << 20  # the driver's granularity: mapping costs per handle, so pages are as large as allowed
+_HOST_PIECE_PAGE = 256 << 10  # mapping host memory costs per byte: small pages keep the idle floor low
+
+
+def piece_page_bytes(configured: Optional[int], device: str, block_bytes: int, granularity: int) -> int:
+    """Memory of one layer piece in a page: KVCACHED_PAGE_SIZE_MB when set, else the backend's default (at least
+    one block, rounded up to the granularity)."""
+    if configured is not None:
+        return configured
+    default = _CUDA_PIECE_PAGE if device.startswith("cuda") else _HOST_PIECE_PAGE
+    return max(default, -(-block_bytes // granularity) * granularity)
 
 
 class KVLayout:

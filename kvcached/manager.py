@@ -15,15 +15,16 @@ from __future__ import annotations
 import heapq
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from functools import cached_property
+from typing import Iterable, Optional, Union
 
 import torch
 
 from .config import Config, get_logger
 from .errors import BlockError, ShutdownError
-from .layout import KVGeometry, KVLayout
+from .layout import KVGeometry, KVLayout, piece_page_bytes
 from .page_allocator import MemoryStats, PageAllocator
-from .vmm import open_vmm
+from .vmm import VirtualMemory, open_vmm
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class KVCacheManager:
     def __init__(
         self,
         geometry: KVGeometry,
-        device: str = "cpu",
+        device: Union[str, VirtualMemory] = "cpu",
         *,
         limit_bytes: Optional[int] = None,
         virtual_bytes: Optional[int] = None,
@@ -47,7 +48,7 @@ class KVCacheManager:
         ipc_name: Optional[str] = None,
         register: bool = True,
     ) -> None:
-        """Reserve address space for `geometry` on `device` ("cpu" or "cuda:N") and build the per-layer KV tensors.
+        """Reserve address space for `geometry` on `device` ("cpu", "cuda:N", or a VirtualMemory to use).
 
         `virtual_bytes` defaults to KVCACHED_VIRTUAL_SIZE, else the device's total memory; `limit_bytes` to
         KVCACHED_MEMORY_LIMIT, else none. With `reserve_null_block`, block `null_block` is taken at start and never
@@ -57,10 +58,11 @@ class KVCacheManager:
         """
         config = config or Config.from_env()
         self.config = config
-        self.vmm = open_vmm(device)
+        self.vmm = device if isinstance(device, VirtualMemory) else open_vmm(device)
         self.device = self.vmm.device
         virtual = virtual_bytes or config.virtual_size or self.vmm.total_memory()
-        self.layout = KVLayout(geometry, config.page_size_bytes, self.vmm.granularity, virtual)
+        piece = piece_page_bytes(config.page_size_bytes, self.device, geometry.block_bytes, self.vmm.granularity)
+        self.layout = KVLayout(geometry, piece, self.vmm.granularity, virtual)
         self._base = self.vmm.reserve(self.layout.reserved_bytes)
         self._registration = None
         explicit_limit = limit_bytes if limit_bytes is not None else config.memory_limit
@@ -78,6 +80,7 @@ class KVCacheManager:
             on_change=self._publish,
         )
         self._lock = threading.Lock()
+        self._limit_lock = threading.RLock()
         self._allocated: set[int] = set()
         self._free_in_page: dict[int, list[int]] = {}  # page in use -> its free block ids (absent when full)
         self._fullest: list[tuple[int, int]] = []  # heap of (free count, page); stale entries are skipped
@@ -102,13 +105,16 @@ class KVCacheManager:
                 stats=self.memory_stats,
                 apply_limit=self.resize,
             )
-        # Made after the null block's page is mapped: the driver then knows the range as device memory.
-        self.kv_tensors: list[torch.Tensor] = self.layout.layer_views(self.vmm.tensor(self._base, self.layout.reserved_bytes))
         get_logger(config).debug(
             "KV cache on %s: %d pages of %d bytes (%d blocks each), %d block ids",
             self.device, self.layout.num_pages, self.layout.page_bytes, self.layout.blocks_per_page,
             self.layout.num_block_ids,
         )
+
+    @cached_property
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """One tensor per layer over the reservation (see layout.py), made on first use."""
+        return self.layout.layer_views(self.vmm.tensor(self._base, self.layout.reserved_bytes))
 
     @property
     def ipc_name(self) -> Optional[str]:
@@ -121,17 +127,21 @@ class KVCacheManager:
 
     # ---- blocks ---------------------------------------------------------------------------------------------------
 
-    def alloc(self, n: int) -> Optional[list[int]]:
-        """`n` block ids, or None (and no change) when the limit or the device's memory does not allow them."""
+    def alloc(self, n: int, *, ignore_headroom: bool = False) -> Optional[list[int]]:
+        """`n` block ids, or None (and no change) when the limit or the device's memory does not allow them.
+
+        `ignore_headroom` skips the utilization cap (never the limit): for an engine that was already told the
+        blocks are available and cannot take a refusal, when another process took memory in between.
+        """
         if not isinstance(n, int) or n <= 0:
             raise ValueError(f"alloc() needs a block count > 0, got {n!r}")
         g = self.layout.blocks_per_page
         with self._lock:
             self._check_open()
             new_pages = -(-(n - self._num_free) // g) if n > self._num_free else 0
-            if new_pages and new_pages > self.pages.available_pages():
+            if new_pages and new_pages > self.pages.available_pages(ignore_headroom):
                 return None
-            if not self._map_pages(new_pages):
+            if not self._map_pages(new_pages, ignore_headroom):
                 return None
             ids: list[int] = []
             while len(ids) < n:
@@ -183,9 +193,26 @@ class KVCacheManager:
     # ---- memory -------------------------------------------------------------------------------------------------
 
     def resize(self, limit_bytes: Optional[int]) -> None:
-        """Cap mapped memory (None: no cap). Premapped memory above it is released now; blocks in use are kept."""
+        """Cap mapped memory (None: no cap). Premapped memory above it is released now; blocks in use are kept.
+
+        Waits while an engine holds `limit_lock` (see there)."""
         self._check_open()
-        self.pages.set_limit(limit_bytes)
+        with self._limit_lock:
+            self.pages.set_limit(limit_bytes)
+
+    @property
+    def limit_lock(self) -> threading.RLock:
+        """Held by an engine across one scheduling step, so that the limit cannot fall between its question
+        "how many blocks are available?" and its alloc() of them."""
+        return self._limit_lock
+
+    def page_fill(self, page: int) -> int:
+        """Blocks of `page` that are allocated (0 for a page not in use)."""
+        with self._lock:
+            free = self._free_in_page.get(page)
+            if free is None:
+                return self.layout.blocks_per_page if page in self.pages.pages_in_use() else 0
+            return self.layout.blocks_per_page - len(free)
 
     def memory_stats(self) -> MemoryStats:
         return self.pages.stats()
@@ -236,11 +263,11 @@ class KVCacheManager:
     def _is_id(self, block: object) -> bool:
         return isinstance(block, int) and self.layout.is_valid(block)
 
-    def _map_pages(self, count: int) -> bool:
+    def _map_pages(self, count: int, ignore_headroom: bool = False) -> bool:
         """Add `count` fresh pages; on a shortfall, give back those already taken and return False."""
         taken = []
         for _ in range(count):
-            page = self.pages.alloc()
+            page = self.pages.alloc(ignore_headroom)
             if page is None:
                 for p in taken:
                     self.pages.free(p)

@@ -83,14 +83,16 @@ class PageAllocator:
 
     # ---- the engine's calls -------------------------------------------------------------------------------------
 
-    def alloc(self) -> Optional[int]:
-        """A mapped page now in use, or None when the limit or the device's memory allows no more."""
+    def alloc(self, ignore_headroom: bool = False) -> Optional[int]:
+        """A mapped page now in use, or None when the limit or the device's memory allows no more.
+
+        `ignore_headroom` skips the utilization cap, never the limit."""
         with self._lock:
             self._check_open()
             self._last_alloc = time.monotonic()
             if self._reserve:
                 page, must_map = self._reserve.pop(), False
-            elif self._mappable_pages() > 0:
+            elif self._mappable_pages(ignore_headroom) > 0:
                 page, must_map = heapq.heappop(self._unmapped), True
                 self._in_flight += 1
             else:
@@ -126,10 +128,14 @@ class PageAllocator:
             self._after_change()
         self._kick()
 
-    def available_pages(self) -> int:
+    def available_pages(self, ignore_headroom: bool = False) -> int:
         """Pages alloc() can hand out now: the reserve plus what may still be mapped."""
         with self._lock:
-            return len(self._reserve) + self._mappable_pages()
+            return len(self._reserve) + self._mappable_pages(ignore_headroom)
+
+    def pages_in_use(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._in_use)
 
     def set_limit(self, limit_bytes: Optional[int]) -> None:
         """Cap mapped memory at `limit_bytes` (None: no cap); premapped pages above it are unmapped before returning."""
@@ -192,9 +198,9 @@ class PageAllocator:
     def _mapped_pages(self) -> int:
         return len(self._in_use) + len(self._reserve) + self._in_flight
 
-    def _mappable_pages(self) -> int:
+    def _mappable_pages(self, ignore_headroom: bool = False) -> int:
         room = min(self._limit_pages - self._mapped_pages(), len(self._unmapped))
-        return max(0, min(room, self._headroom_pages()))
+        return max(0, room if ignore_headroom else min(room, self._headroom_pages()))
 
     def _headroom_pages(self) -> int:
         """Pages the device can still take under the utilization cap.

@@ -29,7 +29,7 @@ def device(request) -> str:
 
 def quiet_config(**overrides) -> Config:
     """A config with no premapped reserve unless a test asks for one, so that byte counts are exact."""
-    values = dict(min_reserved_pages=0, max_reserved_pages=0, trim_idle_s=0.0)
+    values = dict(page_size_mb=2.0, min_reserved_pages=0, max_reserved_pages=0, trim_idle_s=0.0)
     values.update(overrides)
     return Config(**values)
 

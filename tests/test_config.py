@@ -10,7 +10,7 @@ from kvcached.units import format_size, parse_size
 
 def test_defaults_without_any_variable():
     config = Config.from_env({})
-    assert (config.enabled, config.page_size_bytes, config.min_reserved_pages, config.max_reserved_pages) == (False, 2 << 20, 1, 4)
+    assert (config.enabled, config.page_size_bytes, config.min_reserved_pages, config.max_reserved_pages) == (False, None, 1, 4)
     assert (config.memory_limit, config.virtual_size, config.ipc_name, config.log_level) == (None, None, None, "INFO")
 
 

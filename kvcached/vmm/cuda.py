@@ -63,7 +63,7 @@ class CudaVirtualMemory(VirtualMemory):
         self._thread_has_context = threading.local()
         self._handles: dict[int, tuple[object, int]] = {}
         self._handles_lock = threading.Lock()
-        self._prop = self._allocation_prop()
+        self._prop = self.allocation_prop(device_index)
         self.granularity = int(
             _check(
                 "cuMemGetAllocationGranularity",
@@ -77,11 +77,13 @@ class CudaVirtualMemory(VirtualMemory):
         self._access.location.id = device_index
         self._access.flags = _cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
 
-    def _allocation_prop(self):
+    @staticmethod
+    def allocation_prop(device_index: int):
+        """Pinned device memory on `device_index`, the kind every KV page is made of."""
         prop = _cu.CUmemAllocationProp()
         prop.type = _cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = _cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = self.device_index
+        prop.location.id = device_index
         return prop
 
     def _enter(self) -> None:

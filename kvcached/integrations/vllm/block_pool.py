@@ -1,0 +1,215 @@
+"""vLLM's BlockPool on kvcached's KV cache manager: free blocks give pages back, the limit is the pool's size.
+
+Note: vLLM's pool is a fixed array of blocks and a free queue; here every block id comes from, and returns to, a
+KVCacheManager whose pages are marked in the page table that the worker follows (kvcached/pagetable.py). A block freed
+without a prefix-cache hash goes back at once; a freed block with a hash stays cached (its memory kept) until it is
+reused, evicted to make room, or evicted because cached blocks exceed KVCACHED_MAX_CACHED_TOKENS (default: one page of
+tokens). Eviction for memory picks pages held only by cached blocks, the emptiest first, so whole pages empty out.
+`get_num_free_blocks()` is what the manager can still hand out plus the cached blocks: vLLM checks it before every
+allocation and waits or preempts when it is short, as with its own pool. The limit cannot change between that check and
+the allocation: the scheduler holds the manager's limit lock across each step (see autopatch.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+from ...config import Config
+from ...manager import KVCacheManager
+from ...pagetable import TableVirtualMemory
+from ...units import format_size
+from .plan import current_plan, take_table
+
+logger = logging.getLogger("vllm.kvcached")
+
+
+class _Blocks:
+    """vLLM's `pool.blocks[i]`, made on first use: the id space is sparse and mostly never handed out."""
+
+    def __init__(self, pool: "ElasticBlockPool", null_block: KVCacheBlock) -> None:
+        self._pool, self._made = pool, {null_block.block_id: null_block}
+
+    def __getitem__(self, block_id: int) -> KVCacheBlock:
+        block = self._made.get(block_id)
+        if block is None:
+            block = self._made[block_id] = KVCacheBlock(block_id, pool=self._pool)
+        return block
+
+    def __len__(self) -> int:
+        return self._pool.num_gpu_blocks
+
+    def __iter__(self):
+        return iter(list(self._made.values()))
+
+
+class ElasticBlockPool(BlockPool):
+    def __init__(self, num_gpu_blocks: int, enable_caching: bool, hash_block_size: int, *args, **kwargs) -> None:
+        plan = current_plan()
+        layout = plan.layout()
+        if num_gpu_blocks != layout.num_block_ids:
+            raise RuntimeError(f"kvcached planned {layout.num_block_ids} block ids, vLLM's pool asks for {num_gpu_blocks}")
+        super().__init__(1, enable_caching, hash_block_size, *args, **kwargs)  # builds only the null block, id 0
+        self.num_gpu_blocks = num_gpu_blocks
+        config = Config.from_env()
+        self.table = take_table()
+        vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
+        self.kv = KVCacheManager(
+            plan.geometry(), vmm, virtual_bytes=plan.virtual_bytes, config=config, ipc_name=plan.ipc_name,
+        )
+        assert self.kv.null_block == self.null_block.block_id == 0
+        self.blocks = _Blocks(self, self.null_block)
+        self.free_block_queue = None  # vLLM's queue is replaced by the manager and `_cached`; any use is a bug
+        self._cached: dict[int, KVCacheBlock] = {}  # ref_cnt 0 blocks still holding prefix-cache content, LRU first
+        tokens = config.max_cached_tokens
+        self.max_cached_blocks = layout.blocks_per_page if tokens is None else tokens // plan.block_size
+        stats = self.kv.memory_stats()
+        logger.info(
+            "kvcached is active: elastic KV cache on %s, %s of address space in pages of %s (%d blocks of %d tokens), "
+            "limit %s, registry name %s (see `kvctl list`)",
+            plan.device, format_size(layout.num_pages * layout.page_bytes), format_size(layout.page_bytes),
+            layout.blocks_per_page, plan.block_size, format_size(stats.limit_bytes), self.kv.ipc_name,
+        )
+
+    # ---- what vLLM asks ----------------------------------------------------------------------------------------
+
+    def get_num_free_blocks(self) -> int:
+        return self.kv.available_size() + len(self._cached)
+
+    def get_usage(self) -> float:
+        in_use = self.kv.num_allocated() - 1 - len(self._cached)
+        total = in_use + self.get_num_free_blocks()
+        return in_use / total if total else 0.0
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        if num_blocks > self.get_num_free_blocks():
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
+        ids = self.kv.alloc(num_blocks)
+        if ids is None and self._cached:
+            self._evict(self._lru(num_blocks - self.kv.available_size()))
+            ids = self.kv.alloc(num_blocks)
+        if ids is None:  # another process took memory since vLLM counted: exceed the utilization cap this once
+            logger.warning("kvcached: the device's free memory fell during a step; allocating %d blocks above the "
+                           "utilization cap", num_blocks)
+            ids = self.kv.alloc(num_blocks, ignore_headroom=True)
+        if ids is None:
+            raise ValueError(f"kvcached could not allocate {num_blocks} blocks it had counted as free")
+        blocks = [self.blocks[i] for i in ids]
+        for block in blocks:
+            assert block.ref_cnt == 0 and block.block_hash is None
+            block.ref_cnt = 1
+            if self.metrics_collector:
+                self.metrics_collector.on_block_allocated(block)
+        return blocks
+
+    def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
+        for block in blocks:
+            if block.ref_cnt == 0 and not block.is_null:
+                del self._cached[block.block_id]
+            block.ref_cnt += 1
+            if self.metrics_collector:
+                self.metrics_collector.on_block_accessed(block)
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        released, other_pools = [], defaultdict(list)
+        for block in ordered_blocks:
+            if block.pool is not None and block.pool is not self:
+                other_pools[block.pool].append(block)
+                continue
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0 and not block.is_null:
+                if block.block_hash is None or not self.enable_caching:
+                    released.append(block.block_id)
+                else:
+                    self._cached[block.block_id] = block
+        if released:
+            self.kv.free(released)
+        self._bound_cache()
+        for pool, blocks in other_pools.items():
+            pool.free_blocks(blocks)
+
+    def unpin_blocks(self, blocks, on_reuse) -> None:
+        for block in blocks:
+            assert block.ref_cnt > 0 and not block.is_null
+            block.ref_cnt -= 1
+            self._reuse_watchers[block.block_id] = on_reuse
+            if block.ref_cnt == 0:
+                self._cached[block.block_id] = block  # readable until reused: kept like a cached block
+
+    def evict_blocks(self, block_ids: set[int]) -> None:
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block_id in self._cached:
+                self._evict([block])
+            else:
+                self._maybe_evict_cached_block(block)
+
+    def reset_prefix_cache(self) -> bool:
+        in_use = self.kv.num_allocated() - 1 - len(self._cached)
+        if in_use:
+            logger.warning("Failed to reset prefix cache because some blocks (%d) are not freed yet", in_use)
+            return False
+        self._evict(list(self._cached.values()))
+        for block in self.blocks:
+            block.reset_hash()
+        self.cached_block_hash_to_block.__init__()
+        self.cached_block_hashes_by_block.clear()
+        if self.metrics_collector:
+            self.metrics_collector.reset()
+        if self.enable_kv_cache_events:
+            from vllm.distributed.kv_events import AllBlocksCleared
+
+            self.kv_event_queue.append(AllBlocksCleared())
+        logger.info("Successfully reset prefix cache")
+        return True
+
+    def shutdown(self) -> None:
+        self.kv.shutdown()
+        self.table.close()
+
+    # ---- cached blocks -----------------------------------------------------------------------------------------
+
+    def _evict(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop cached blocks: their hashes first (so no request can hit them), then their memory."""
+        for block in blocks:
+            del self._cached[block.block_id]
+            self._maybe_evict_cached_block(block)
+        if self._reuse_watchers:
+            self._notify_reuse(blocks)
+        if blocks:
+            self.kv.free([block.block_id for block in blocks])
+
+    def _lru(self, count: int) -> list[KVCacheBlock]:
+        return list(self._cached.values())[: max(0, count)]
+
+    def _bound_cache(self) -> None:
+        """Keep at most `max_cached_blocks` cached blocks, on at most as many pages as they fill, so the memory
+        that an idle engine keeps for its prefix cache is bounded too, not only the block count."""
+        excess = len(self._cached) - self.max_cached_blocks
+        if excess > 0:
+            self._evict(self._emptiest_pages_first(excess))
+        pages = self._cache_only_pages()
+        allowed = -(-self.max_cached_blocks // self.kv.layout.blocks_per_page)
+        if len(pages) > allowed:
+            self._evict([block for blocks in pages[: len(pages) - allowed] for block in blocks])
+
+    def _cache_only_pages(self) -> list[list[KVCacheBlock]]:
+        """The cached blocks of each page that only cached blocks hold, fewest blocks first."""
+        by_page: dict[int, list[KVCacheBlock]] = defaultdict(list)
+        for block in self._cached.values():
+            by_page[self.kv.layout.page_of(block.block_id)].append(block)
+        only = [blocks for page, blocks in by_page.items() if self.kv.page_fill(page) == len(blocks)]
+        return sorted(only, key=len)
+
+    def _emptiest_pages_first(self, count: int) -> list[KVCacheBlock]:
+        """`count` cached blocks: from pages only cached blocks hold first (evicting them unmaps whole pages),
+        then the least recently used of the rest."""
+        chosen = [block for blocks in self._cache_only_pages() for block in blocks][:count]
+        if len(chosen) < count:
+            taken = {block.block_id for block in chosen}
+            chosen += [b for b in self._cached.values() if b.block_id not in taken][: count - len(chosen)]
+        return chosen

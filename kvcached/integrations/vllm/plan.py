@@ -1,0 +1,177 @@
+"""The elastic plan: how vLLM's KV cache config is rewritten in the engine core, and read back in the worker.
+
+Note: vLLM 0.32 places layer l's page for block b at `offset + l * layer_stride + b * block_stride` of one backing
+allocation (KVCacheTensor). kvcached's layout (kvcached/layout.py) is exactly that with block_stride = b (one layer's
+page of one block) and layer_stride = G * b, over a reservation of the device's memory: so vLLM's own view code builds
+the per-layer tensors for whichever attention backend it chose, and block ids are sparse (num_blocks is the id space).
+The engine core makes the plan before the worker allocates and before the scheduler exists; the plan travels to the
+worker inside the KVCacheConfig, and stays in this process for the block pool.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from ...config import Config
+from ...errors import ConfigError, KVCachedError
+from ...layout import KVGeometry, KVLayout, piece_page_bytes
+from ...vmm.probe import device_memory, granularity_of
+
+_ATTR = "kvcached_plan"
+_current: Optional["ElasticPlan"] = None
+_tables: list = []  # page tables this engine core created: removed at exit
+
+
+@dataclass(frozen=True)
+class ElasticPlan:
+    device: str
+    num_layers: int
+    block_bytes: int  # one layer's page of one block (vLLM's page_size_bytes)
+    block_size: int  # tokens per block
+    piece_page_bytes: int
+    granularity: int
+    virtual_bytes: int
+    table_path: str
+    ipc_name: str
+
+    def layout(self) -> KVLayout:
+        geometry = KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
+        return KVLayout(geometry, self.piece_page_bytes, self.granularity, self.virtual_bytes)
+
+    def geometry(self) -> KVGeometry:
+        return KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
+
+
+def current_plan() -> ElasticPlan:
+    if _current is None:
+        raise KVCachedError("kvcached: the engine core made no elastic plan (get_kv_cache_configs was not patched)")
+    return _current
+
+
+def plan_of(kv_cache_config: Any) -> ElasticPlan:
+    """The plan a worker received inside its KVCacheConfig."""
+    fields = getattr(kv_cache_config, _ATTR, None)
+    if fields is None:
+        raise KVCachedError(
+            "kvcached is enabled in this vLLM worker, but its KV cache config carries no kvcached plan: the engine "
+            "core process was not patched. Is kvcached installed in the same environment (kvcached_autopatch.pth)?"
+        )
+    return ElasticPlan(**fields)
+
+
+def device_of(vllm_config: Any) -> str:
+    kind = str(vllm_config.device_config.device_type)
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda":
+        return "cuda:0"  # tensor_parallel_size 1: the worker's local device 0 (after CUDA_VISIBLE_DEVICES)
+    raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}")
+
+
+def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> ElasticPlan:
+    """Decide the layout for the model's KV cache specs; refuse setups kvcached cannot serve, saying why."""
+    parallel = vllm_config.parallel_config
+    if parallel.world_size != 1 or len(kv_cache_specs) != 1:
+        raise KVCachedError(
+            f"kvcached supports one worker per engine (tensor and pipeline parallel size 1), got world size "
+            f"{parallel.world_size}; unset ENABLE_KVCACHED to run this engine without kvcached"
+        )
+    specs = kv_cache_specs[0]
+    page_sizes = {spec.page_size_bytes for spec in specs.values()}
+    block_sizes = {spec.block_size for spec in specs.values()}
+    if len(page_sizes) != 1 or len(block_sizes) != 1:
+        raise KVCachedError(f"kvcached needs one KV page size for all layers; this model has {sorted(page_sizes)} bytes")
+    device = device_of(vllm_config)
+    granularity = granularity_of(device)
+    block_bytes = page_sizes.pop()
+    piece = piece_page_bytes(config.page_size_bytes, device, block_bytes, granularity)
+    name = config.ipc_name or default_ipc_name(vllm_config)
+    plan = ElasticPlan(
+        device=device,
+        num_layers=len(specs),
+        block_bytes=block_bytes,
+        block_size=block_sizes.pop(),
+        piece_page_bytes=piece,
+        granularity=granularity,
+        virtual_bytes=config.virtual_size or device_memory(device)[1],
+        table_path=f"/dev/shm/kvcached-pages.{name}.{os.getpid()}",
+        ipc_name=name,
+    )
+    plan.layout()  # raises ConfigError now for a geometry that cannot work
+    return plan
+
+
+def rewrite_configs(kv_cache_configs: list, plan: ElasticPlan) -> None:
+    """Point vLLM's configs at the elastic layout: sparse block ids over one reservation."""
+    global _current
+    from vllm.v1.kv_cache_interface import KVCacheTensor
+
+    layout = plan.layout()
+    for kv_cache_config in kv_cache_configs:
+        tensors = kv_cache_config.kv_cache_tensors
+        if len(tensors) != 1 or tensors[0].offset != 0 or tensors[0].host_resident:
+            raise KVCachedError(f"kvcached supports KV caches in one backing allocation; this model has {len(tensors)}")
+        layers = list(tensors[0].layers)
+        if len(layers) != plan.num_layers:
+            raise KVCachedError(f"kvcached planned {plan.num_layers} layers, the KV cache config has {len(layers)}")
+        kv_cache_config.num_blocks = layout.num_block_ids
+        kv_cache_config.kv_cache_tensors = [
+            KVCacheTensor(
+                size=layout.reserved_bytes,
+                layers=layers,
+                layer_stride=layout.blocks_per_page * layout.block_bytes,
+                block_stride=layout.block_bytes,
+            )
+        ]
+        setattr(kv_cache_config, _ATTR, asdict(plan))
+    _current = plan
+
+
+def usable_bytes(plan: ElasticPlan) -> int:
+    """KV bytes when every page is mapped: what vLLM's own capacity checks (max_model_len fits) should see."""
+    layout = plan.layout()
+    return layout.num_blocks * plan.block_bytes * plan.num_layers
+
+
+def keep_table(table) -> None:
+    """Hold the engine core's page table for its block pool (made after the worker has attached to it)."""
+    if not _tables:
+        atexit.register(lambda: [t.close() for t in _tables])
+    _tables.append(table)
+
+
+def take_table():
+    """The page table made for the current plan; its file is unlinked, as the worker has it mapped by now."""
+    table = _tables[-1]
+    table.unlink()
+    return table
+
+
+def remove_stale_tables() -> None:
+    """Remove page tables of this user's engine cores that died without cleaning up (kill -9)."""
+    for path in glob.glob("/dev/shm/kvcached-pages.*"):
+        try:
+            pid = int(path.rsplit(".", 1)[1])
+            if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{pid}"):
+                os.unlink(path)
+        except (ValueError, OSError):
+            continue
+
+
+def default_ipc_name(vllm_config: Any) -> str:
+    """vllm-<served model name>-<engine pid>: unique per engine, and readable in `kvctl list`."""
+    served = getattr(vllm_config.model_config, "served_model_name", None) or vllm_config.model_config.model
+    if isinstance(served, (list, tuple)):
+        served = served[0]
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(str(served).rstrip("/")))[:40].strip("-.") or "model"
+    return f"vllm-{model}-{os.getpid()}"
+
+
+__all__ = ["ElasticPlan", "ConfigError", "current_plan", "make_plan", "plan_of", "rewrite_configs", "usable_bytes"]

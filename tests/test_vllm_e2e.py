@@ -1,0 +1,246 @@
+"""kvcached in real vLLM (CPU build) with a real model: outputs, memory that follows load, limits, prefix caching.
+
+Needs the vLLM CPU venv and the SmolLM2 model (scripts/test.sh sets both up); marker `vllm`. KV memory is read two
+ways: the registry's used bytes (what kvcached decided) and the resident bytes of the worker's KV reservation in
+/proc/<worker>/smaps (what the OS holds), the latter exact where whole-process RSS is blurred by the allocator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import vllm_offline
+
+from benchmarks.servers import Server, ServerSpec
+from kvcached.registry import list_instances
+
+pytestmark = pytest.mark.vllm
+
+MODEL = os.environ.get("KVCACHED_MODEL_DIR", os.path.expanduser("~/.cache/kvcached/models/SmolLM2-135M-Instruct"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = vllm_offline.PROMPTS  # the offline child's 8 prompts
+PAGE = 5898240  # SmolLM2 on the host: 2 blocks of 128 tokens x 30 layers x 96 KiB, rounded to the block size
+MAX_CACHED_TOKENS = 512  # 4 blocks: at most 2 pages held by cached blocks when idle
+TAG = f"e2e{os.getpid()}"
+
+
+def long_prompt(i: int, words: int = 450) -> str:
+    """A distinct prompt of about `words` tokens, so that requests share no prefix blocks."""
+    return f"Request {i}: " + " ".join(f"item{i}-{k}" for k in range(words)) + ". Summarize the list."
+
+
+def complete(server: Server, prompt: str, max_tokens: int = 16, timeout: float = 300.0) -> dict:
+    body = json.dumps({"model": server.spec.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def burst(server: Server, count: int, max_tokens: int = 48, first: int = 0) -> list[dict]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda i: complete(server, long_prompt(i), max_tokens), range(first, first + count)))
+
+
+def record(name: str):
+    (found,) = [r for r in list_instances() if r.name == name]
+    return found
+
+
+def worker_pid(server: Server) -> int:
+    (pid,) = [pid for pid, role in server.pids().items() if role == "Worker"]
+    return pid
+
+
+def kv_resident_bytes(server: Server) -> int:
+    """Resident bytes inside the worker's KV reservation (base logged by kvcached at start-up)."""
+    with open(server.log_path) as f:
+        match = re.findall(r"reservation at (0x[0-9a-f]+)", f.read())
+    base = int(match[-1], 16)
+    total, inside = 0, False
+    with open(f"/proc/{worker_pid(server)}/smaps") as f:
+        for line in f:
+            head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if head:
+                inside = int(head.group(1), 16) >= base and int(head.group(1), 16) < base + (1 << 40)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class Sampler:
+    """Samples a reading at 20 Hz in a thread while a block runs; `peak` is the largest seen."""
+
+    def __init__(self, read) -> None:
+        self.read, self.samples, self._stop = read, [], threading.Event()
+
+    def __enter__(self) -> "Sampler":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self.read())
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples)
+
+
+def wait_for(predicate, timeout: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def start(spec: ServerSpec, log_dir: str) -> Server:
+    server = Server(spec, log_dir).start()
+    server.wait_ready(timeout_s=600)
+    return server
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("vllm-logs"))
+
+
+@pytest.fixture(scope="module")
+def pair(logs):
+    """Two kvcached servers on one machine, started together."""
+    env = {"KVCACHED_TRIM_IDLE_S": "0.5", "KVCACHED_MAX_CACHED_TOKENS": str(MAX_CACHED_TOKENS)}
+    servers = [Server(ServerSpec(f"{TAG}-{x}", MODEL, port, kvcached=True, extra_env=env), logs).start()
+               for x, port in (("a", 18311), ("b", 18312))]
+    try:
+        for server in servers:
+            server.wait_ready(timeout_s=600)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_offline_greedy_tokens_are_identical_with_and_without_kvcached():
+    def run(enabled: bool) -> list:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
+        env.update(ENABLE_KVCACHED="true" if enabled else "false", KVCACHED_AUTOPATCH="1" if enabled else "0")
+        done = subprocess.run([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("kvcached is active" in done.stderr) == enabled
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    vanilla, elastic = run(False), run(True)
+    assert len(vanilla) == 8 and all(vanilla)
+    assert elastic == vanilla
+
+
+def test_served_greedy_outputs_are_identical_with_and_without_kvcached(logs, pair):
+    vanilla = start(ServerSpec(f"{TAG}-vanilla", MODEL, 18310, kvcached=False, kv_cache_bytes=1 << 30), logs)
+    try:
+        expected = [complete(vanilla, p, 24)["choices"][0]["text"] for p in PROMPTS]
+    finally:
+        vanilla.stop()
+    got = [complete(pair[0], p, 24)["choices"][0]["text"] for p in PROMPTS]
+    assert got == expected
+    assert len(set(expected)) == 8
+
+
+def test_kv_memory_follows_a_burst_and_returns_to_the_floor_within_2_s(pair):
+    server = pair[0]
+    name = server.spec.name
+    floor = PAGE * (1 + 2)  # the null block's page + at most 2 pages of cached prefix blocks
+    wait_for(lambda: record(name).used_bytes + record(name).premapped_bytes <= floor, timeout=5)
+    idle_resident = kv_resident_bytes(server)
+    assert idle_resident <= floor
+    with Sampler(lambda: record(name).used_bytes) as registry, Sampler(lambda: kv_resident_bytes(server)) as resident:
+        results = burst(server, 8)
+    assert all(r["usage"]["completion_tokens"] == 48 for r in results)
+    assert registry.peak >= 16 * PAGE and resident.peak >= 16 * PAGE  # 8 prompts of ~460 tokens: 4 blocks each
+    back = wait_for(lambda: record(name).used_bytes + record(name).premapped_bytes <= floor
+                    and kv_resident_bytes(server) <= floor, timeout=2.0)
+    print(f"\nKV floor {floor >> 20} MiB; peak registry {registry.peak >> 20} MiB, resident {resident.peak >> 20} MiB; "
+          f"back at the floor {back:.2f} s after the burst")
+
+
+def test_two_instances_serve_concurrently_and_kvctl_lists_both(pair):
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda s: burst(s, 3, 16, first=100), pair))
+    assert [len(r) for r in results] == [3, 3]
+    listed = subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "list", "--json"], capture_output=True,
+                            text=True, check=True).stdout
+    rows = {row["name"]: row for row in json.loads(listed)}
+    for server in pair:
+        row = rows[server.spec.name]
+        assert row["status"] == "alive" and row["device"] == "cpu" and row["page_bytes"] == PAGE
+
+
+def test_kvctl_limit_caps_one_instance_during_a_burst_and_spares_the_other(pair):
+    a, b = pair
+    limit = 6 * PAGE  # room for 10 blocks beside the null block: two or three requests at a time
+    subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", b.spec.name, str(limit)], check=True)
+    wait_for(lambda: record(b.spec.name).limit_bytes == limit, timeout=1.0)
+    try:
+        with Sampler(lambda: record(b.spec.name).used_bytes + record(b.spec.name).premapped_bytes) as mapped, \
+                Sampler(lambda: kv_resident_bytes(b)) as resident:
+            with ThreadPoolExecutor(2) as pool:
+                limited, free = pool.map(lambda s: burst(s, 8, 32, first=200), (b, a))
+        assert all(r["usage"]["completion_tokens"] == 32 for r in limited + free)
+        assert mapped.peak <= limit and resident.peak <= limit
+        assert record(a.spec.name).limit_bytes > 100 * PAGE  # the other instance's limit is untouched
+    finally:
+        subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", b.spec.name, "100G"], check=True)
+
+
+def test_prefix_caching_hits_and_idle_memory_stays_under_the_bound(pair):
+    server = pair[0]
+
+    def hits() -> float:
+        with urllib.request.urlopen(server.url + "/metrics") as response:
+            text = response.read().decode()
+        return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
+
+    prompt = long_prompt(300, words=300)
+    before = hits()
+    first, second = complete(server, prompt), complete(server, prompt)
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert hits() - before >= 256  # the second request reused at least two full 128-token blocks
+    bound = PAGE * (1 + 2)
+    wait_for(lambda: record(server.spec.name).used_bytes + record(server.spec.name).premapped_bytes <= bound, 2.0)
+    assert kv_resident_bytes(server) <= bound
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ENABLE_KVCACHED": "true"}, "KVCACHED_AUTOPATCH is not"),
+        ({"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1", "KVCACHED_PAGE_SIZE_MB": "big"},
+         "KVCACHED_PAGE_SIZE_MB='big' is invalid"),
+        ({"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1", "KVCACHED_PAGE_SIZE_MB": "0.001"},
+         "not a multiple of the device's granularity"),
+    ],
+)
+def test_enabled_but_unusable_setups_stop_at_start_up_saying_why(env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
+    clean.update(env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=clean,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "kvcached is active" not in done.stderr
