@@ -94,17 +94,7 @@ class KVCacheManager:
                 raise MemoryError("no memory for the null block: the limit or the device's free memory is below one page")
             self.null_block = ids[0]
         if register:
-            from .registry import Registration
-
-            self._registration = Registration.open(
-                ipc_name if ipc_name is not None else config.ipc_name,
-                device=self.device,
-                virtual_bytes=self.layout.num_pages * self.layout.page_bytes,
-                device_total_bytes=self.vmm.total_memory(),
-                explicit_limit=explicit_limit,
-                stats=self.memory_stats,
-                apply_limit=self.resize,
-            )
+            self._register(ipc_name if ipc_name is not None else config.ipc_name, explicit_limit)
         get_logger(config).debug(
             "KV cache on %s: %d pages of %d bytes (%d blocks each), %d block ids",
             self.device, self.layout.num_pages, self.layout.page_bytes, self.layout.blocks_per_page,
@@ -236,6 +226,25 @@ class KVCacheManager:
         self.pages.close()
         self.vmm.unreserve(self._base, self.layout.reserved_bytes)
         self.vmm.close()
+
+    def _register(self, name: Optional[str], explicit_limit: Optional[int]) -> None:
+        """Publish this instance in the shared-memory registry; on failure (a bad or taken name) give back what was
+        reserved and mapped before raising."""
+        from .registry import Registration
+
+        try:
+            self._registration = Registration.open(
+                name,
+                device=self.device,
+                virtual_bytes=self.layout.num_pages * self.layout.page_bytes,
+                device_total_bytes=self.vmm.total_memory(),
+                explicit_limit=explicit_limit,
+                stats=self.memory_stats,
+                apply_limit=self.resize,
+            )
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _publish(self, stats: MemoryStats) -> None:
         """Called by the page allocator, under its lock, after every change of mapped memory."""

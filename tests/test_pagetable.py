@@ -52,8 +52,10 @@ def shared(tmp_path):
     path = f"/dev/shm/kvcached-test-pages.{os.getpid()}.{tmp_path.name}"
     table = PageTable.create(path, 16, PAGE, meta={"test": True})
     vmm = TableVirtualMemory(table, "cpu", open_vmm("cpu").granularity)
-    child = Child(path)
-    table.unlink()  # both have it mapped: nothing stays in /dev/shm
+    try:
+        child = Child(path)
+    finally:
+        table.unlink()  # both have it mapped (or the child failed): nothing stays in /dev/shm
     manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, register=False, config=quiet_config())
     yield manager, child
     manager.shutdown()

@@ -77,20 +77,22 @@ def test_idle_reserve_is_trimmed_to_the_floor(make_manager, device):
 def test_utilization_cap_stops_mapping_before_the_device_is_full(device):
     from kvcached import KVCacheManager
     from kvcached.vmm import open_vmm
+    from conftest import SMALL
 
+    big_page = 8 * (16 << 20)  # 16 MiB per piece: half a page of margin (64 MiB) absorbs other processes' noise
     vmm = open_vmm(device)
     total, used = vmm.total_memory(), vmm.total_memory() - vmm.free_memory()
     vmm.close()
     # Room for the null block's page and 2.5 more pages under the cap: exactly 2 more can be mapped.
-    utilization = (used + 3.5 * PAGE) / total
-    from conftest import SMALL
-
-    manager = KVCacheManager(SMALL, device, virtual_bytes=64 * PAGE, background=False, register=False,
-                             config=quiet_config(gpu_utilization=utilization))
+    utilization = (used + 3.5 * big_page) / total
+    manager = KVCacheManager(SMALL, device, virtual_bytes=16 * big_page, background=False, register=False,
+                             config=quiet_config(page_size_mb=16.0, gpu_utilization=utilization))
     try:
-        assert manager.alloc(2 * BLOCKS_PER_PAGE) is not None
-        assert manager.alloc(BLOCKS_PER_PAGE) is None
-        assert manager.memory_stats().used_bytes == 3 * PAGE
+        blocks_per_page = manager.layout.blocks_per_page
+        assert manager.alloc(2 * blocks_per_page) is not None
+        assert manager.alloc(blocks_per_page) is None
+        assert manager.memory_stats().used_bytes == 3 * big_page
+        assert manager.alloc(blocks_per_page, ignore_headroom=True) is not None  # the cap, not the limit, said no
     finally:
         manager.shutdown()
 

@@ -101,6 +101,22 @@ class Sampler:
         return max(self.samples)
 
 
+def run_offline(env: dict) -> subprocess.CompletedProcess:
+    """tests/vllm_offline.py in its own session; the whole group is killed afterwards, stragglers included."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
+    clean.update(env)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=clean, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def wait_for(predicate, timeout: float) -> float:
     start = time.monotonic()
     while not predicate():
@@ -138,10 +154,8 @@ def pair(logs):
 
 def test_offline_greedy_tokens_are_identical_with_and_without_kvcached():
     def run(enabled: bool) -> list:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
-        env.update(ENABLE_KVCACHED="true" if enabled else "false", KVCACHED_AUTOPATCH="1" if enabled else "0")
-        done = subprocess.run([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = run_offline({"ENABLE_KVCACHED": "true" if enabled else "false",
+                            "KVCACHED_AUTOPATCH": "1" if enabled else "0"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("kvcached is active" in done.stderr) == enabled
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -237,10 +251,7 @@ def test_prefix_caching_hits_and_idle_memory_stays_under_the_bound(pair):
     ],
 )
 def test_enabled_but_unusable_setups_stop_at_start_up_saying_why(env, message):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
-    clean.update(env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    done = subprocess.run([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=clean,
-                          capture_output=True, text=True, timeout=600)
+    done = run_offline({**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     assert done.returncode != 0
     assert message in done.stderr
     assert "kvcached is active" not in done.stderr

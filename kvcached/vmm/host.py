@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DriverError
+from ..hostmem import host_memory
 from .base import VirtualMemory
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
@@ -40,28 +41,6 @@ def _mmap(call: str, address: int, size: int, prot: int, flags: int) -> int:
         message = f"mmap for {call}({address:#x}, {size}) failed: {os.strerror(errno)} (errno {errno})"
         raise DriverError(message, out_of_memory=errno == 12)  # ENOMEM
     return result
-
-
-def _meminfo() -> dict[str, int]:
-    info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    return info
-
-
-def _cgroup_limit() -> tuple[int, int] | None:
-    """(limit, usage) of this process's cgroup v2, when it has a memory limit."""
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return int(limit), int(f.read())
-    except OSError:
-        return None
 
 
 class HostVirtualMemory(VirtualMemory):
@@ -90,14 +69,10 @@ class HostVirtualMemory(VirtualMemory):
         _mmap("unmap", address, size, _PROT_NONE, _PRIVATE_ANON | _MAP_FIXED | _MAP_NORESERVE)
 
     def total_memory(self) -> int:
-        total = _meminfo()["MemTotal"]
-        cgroup = _cgroup_limit()
-        return min(total, cgroup[0]) if cgroup else total
+        return host_memory()[1]
 
     def free_memory(self) -> int:
-        available = _meminfo()["MemAvailable"]
-        cgroup = _cgroup_limit()
-        return min(available, max(cgroup[0] - cgroup[1], 0)) if cgroup else available
+        return host_memory()[0]
 
     def tensor(self, address: int, size: int) -> torch.Tensor:
         # numpy wraps the raw pointer without touching the memory; torch shares numpy's buffer.

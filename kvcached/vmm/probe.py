@@ -12,9 +12,7 @@ import re
 from functools import lru_cache
 
 from ..errors import NoCudaDriverError
-from .host import HostVirtualMemory
-
-_HOST = HostVirtualMemory()
+from ..hostmem import host_memory
 
 
 def _cuda_index(device: str) -> int | None:
@@ -55,7 +53,7 @@ def device_memory(device: str) -> tuple[int, int]:
     """(free, total) bytes of `device`: host memory (or its cgroup's) for "cpu", NVML's figures for "cuda:N"."""
     index = _cuda_index(device)
     if index is None:
-        return _HOST.free_memory(), _HOST.total_memory()
+        return host_memory()
     import pynvml
 
     info = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(index))

@@ -170,7 +170,8 @@ def default_ipc_name(vllm_config: Any) -> str:
     served = getattr(vllm_config.model_config, "served_model_name", None) or vllm_config.model_config.model
     if isinstance(served, (list, tuple)):
         served = served[0]
-    model = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(str(served).rstrip("/")))[:40].strip("-.") or "model"
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(str(served).rstrip("/")))
+    model = re.sub(r"\.{2,}", ".", model)[:40].strip("-.") or "model"  # registry names never hold ".."
     return f"vllm-{model}-{os.getpid()}"
 
 

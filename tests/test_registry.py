@@ -1,0 +1,415 @@
+"""The shared-memory registry (kvcached/registry.py) with real /dev/shm segments and real processes."""
+
+from __future__ import annotations
+
+import grp
+import logging
+import mmap
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from kvcached import registry, shm_segment
+from kvcached.errors import ConfigError
+from kvcached.registry import RegistryError
+from registry_helpers import (  # noqa: F401 (fixtures)
+    empty_ipc_dir, ipc_dir, PAGE, PREFIX, REPO, FakeEngine, children, env, fakes, start_fake_child, unique,
+    wait_until,
+)
+
+BAD_NAMES = ["", "a/b", "/etc/passwd", "..", "../x", "a..b", ".hidden", "-x", "x" * 65, "a b", "naïve", "a\0b",
+             "a\\b", "semi;colon", 42]
+
+
+def _segment_bytes(name: str) -> bytes:
+    with open(registry.segment_path(name), "rb") as f:
+        return f.read()
+
+
+def _write_segment(name: str, data: bytes, mode: int = 0o600) -> str:
+    path = registry.segment_path(name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.write(fd, data)
+    os.close(fd)
+    return path
+
+
+def _with_header(data: bytes, **changes) -> bytes:
+    """`data` (a segment image) with header fields replaced."""
+    keys = ["magic", "version", "size", "name", "device", "backend", "gpu_id", "pid", "ticks", "pidns", "created",
+            "virtual", "total", "page"]
+    values = dict(zip(keys, shm_segment.HEADER.unpack_from(data, 0)))
+    values.update(changes)
+    return shm_segment.HEADER.pack(*[values[k] for k in keys]) + data[shm_segment.HEADER.size :]
+
+
+def _with_heartbeat(data: bytes, heartbeat_ns: int) -> bytes:
+    at = shm_segment.ENGINE_AT
+    values = list(shm_segment.ENGINE.unpack_from(data, at + 8))
+    values[3] = heartbeat_ns
+    part = shm_segment.pack_part(0, shm_segment.ENGINE, tuple(values))
+    return data[:at] + part + data[at + len(part) :]
+
+
+# ---- names ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_bad_names_are_refused_with_what_is_allowed(bad):
+    with pytest.raises(ConfigError) as info:
+        FakeEngine(bad)
+    message = str(info.value)
+    assert repr(bad) in message and "A-Z a-z 0-9 . _ -" in message and "'..'" in message
+    assert "\n" not in message
+    assert not [p for p in os.listdir(registry.shm_dir()) if p.startswith(".kvcached-tmp.") and str(os.getpid()) in p]
+
+
+def test_default_names_are_unique_per_instance():
+    engines = [FakeEngine(None) for _ in range(3)]  # no name: what an engine without KVCACHED_IPC_NAME gets
+    names = [e.name for e in engines]
+    try:
+        assert len(set(names)) == 3 and all(f"-{os.getpid()}-" in n for n in names)
+        assert all(registry.read_instance(n).alive for n in names)
+    finally:
+        for e in engines:
+            e.close()
+    assert not any(os.path.exists(registry.segment_path(n)) for n in names)
+
+
+def test_a_live_name_cannot_be_taken_twice(fakes):
+    a = fakes()
+    with pytest.raises(ConfigError, match=f"{a.name!r} is in use by a live instance \\(pid {os.getpid()}\\)"):
+        FakeEngine(a.name)
+    assert registry.read_instance(a.name).alive
+
+
+# ---- format, mode, trust ---------------------------------------------------------------------------------------------
+
+
+def test_record_holds_exact_figures_and_mode_0600(fakes):
+    e = fakes(used=3 * PAGE, premapped=2 * PAGE, limit=10 * PAGE, total=100 * PAGE)
+    st = os.stat(registry.segment_path(e.name))
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    r = registry.read_instance(e.name)
+    assert (r.status, r.pid, r.device, r.backend, r.format_version) == ("alive", os.getpid(), "cpu", "host", 1)
+    assert (r.limit_bytes, r.used_bytes, r.premapped_bytes, r.free_bytes) == (10 * PAGE, 3 * PAGE, 2 * PAGE, 5 * PAGE)
+    assert (r.virtual_bytes, r.device_total_bytes, r.page_bytes) == (16 * PAGE, 100 * PAGE, PAGE)
+    e.set(used_bytes=12 * PAGE, premapped_bytes=0)
+    r = registry.read_instance(e.name)
+    assert (r.used_bytes, r.premapped_bytes, r.free_bytes, r.deficit_bytes) == (12 * PAGE, 0, 0, 2 * PAGE)
+    data = _segment_bytes(e.name)
+    assert data[:8] == b"KVCACHED" and len(data) == registry.RECORD_SIZE
+
+
+def test_group_mode_0660_and_group_segments_are_trusted(fakes, monkeypatch):
+    gid = grp.getgrnam("nogroup").gr_gid
+    monkeypatch.setenv("KVCACHED_IPC_GROUP", "nogroup")
+    e = fakes()
+    st = os.stat(registry.segment_path(e.name))
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    registry.request_limit(e.name, 5 * PAGE)
+    st = os.stat(registry.limit_path(e.name))
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    # Another user's segment shared through the group is trusted; without the group it is foreign.
+    os.chown(registry.segment_path(e.name), 65534, gid)
+    assert registry.read_instance(e.name).status == "alive"
+    monkeypatch.delenv("KVCACHED_IPC_GROUP")
+    assert registry.read_instance(e.name).status == "foreign"
+    os.chown(registry.segment_path(e.name), os.geteuid(), gid)
+
+
+def test_bad_group_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("KVCACHED_IPC_GROUP", "no-such-group-kvcached")
+    with pytest.raises(ConfigError, match="KVCACHED_IPC_GROUP='no-such-group-kvcached' is invalid"):
+        FakeEngine(unique("g"))
+
+
+def test_foreign_segments_are_listed_never_read_or_changed(fakes):
+    mine = fakes()
+    image = _segment_bytes(mine.name)
+    name = unique("foreign")
+    path = _write_segment(name, _with_header(image, name=name.encode(), pid=999999999))  # dead pid
+    os.chown(path, 65534, 65534)
+    limit = registry.limit_path(name)
+    with open(limit, "w") as f:
+        f.write("12345\n")
+    os.chown(limit, 65534, 65534)
+    before = (os.stat(path), _segment_bytes(name))
+
+    (r,) = registry.list_instances([name])
+    assert (r.status, r.uid, r.pid, r.alive, r.used_bytes) == ("foreign", 65534, 0, False, 0)
+    assert "nobody" in r.reason and r.name in [x.name for x in registry.list_instances()]
+    assert registry.read_persisted_limit(name) is None
+    with pytest.raises(RegistryError, match="foreign"):
+        registry.request_limit(name, PAGE)
+    with pytest.raises(RegistryError, match="owned by nobody"):
+        registry.delete(name, force=True)
+    assert name not in registry.clean_dead()
+    with pytest.raises(ConfigError, match="pick another"):
+        FakeEngine(name)
+    after = (os.stat(path), _segment_bytes(name))
+    assert after[1] == before[1]
+    assert (after[0].st_ino, after[0].st_mtime_ns) == (before[0].st_ino, before[0].st_mtime_ns)
+    assert open(limit).read() == "12345\n"
+
+
+def test_segments_are_found_by_magic_and_version_never_by_size(fakes):
+    image = _segment_bytes(fakes().name)
+    bad_magic, old, small, bigger, link = (unique(t) for t in ("magic", "version", "small", "bigger", "link"))
+    _write_segment(bad_magic, _with_header(image, magic=b"NOTKVCAC", name=bad_magic.encode()))
+    _write_segment(old, _with_header(image, version=2, name=old.encode()))
+    _write_segment(small, b"KVCACHED")
+    _write_segment(bigger, _with_header(image, name=bigger.encode()) + b"\0" * 4096)
+    os.symlink(registry.segment_path(bigger), registry.segment_path(link))
+    records = {r.name: r for r in registry.list_instances([bad_magic, old, small, bigger, link])}
+    assert records[bad_magic].status == "invalid" and "bad magic" in records[bad_magic].reason
+    assert records[old].status == "invalid" and "format version 2" in records[old].reason
+    assert records[small].status == "invalid" and "too small" in records[small].reason
+    assert records[bigger].status == "alive" and records[bigger].used_bytes == PAGE  # extra bytes do not matter
+    assert records[link].status == "invalid"  # never followed
+    # A segment whose name field differs from its file is not trusted either.
+    misnamed = unique("misnamed")
+    _write_segment(misnamed, image)
+    assert "holds the name" in registry.read_instance(misnamed).reason
+    with pytest.raises(RegistryError, match="invalid"):
+        registry.request_limit(misnamed, PAGE)
+    assert registry.clean_dead() == []  # none of them is a dead segment of ours
+    for name in (bad_magic, old, small, misnamed):
+        assert os.path.exists(registry.segment_path(name))
+
+
+# ---- limits --------------------------------------------------------------------------------------------------------
+
+
+def test_requested_limit_is_applied_within_100ms_while_idle(fakes):
+    e = fakes(used=2 * PAGE, premapped=4 * PAGE)
+    delays = []
+    for i, limit in enumerate([8 * PAGE, 3 * PAGE, 0, 5 * PAGE, 2 * PAGE]):
+        start = time.monotonic()
+        result = registry.request_limit(e.name, limit, wait_s=0)
+        assert wait_until(lambda: len(e.applied) == i + 1, timeout=2.0)
+        when, applied = e.applied[-1]
+        assert applied == limit
+        delays.append(when - start)
+        assert result.generation == i + 1
+    assert max(delays) < 0.1, delays
+    r = wait_until(lambda: (x := registry.read_instance(e.name)).applied_generation == 5 and x)
+    assert (r.limit_bytes, r.requested_limit, r.persisted_limit, r.requested_generation) == (2 * PAGE,) * 3 + (5,)
+
+
+def test_request_limit_waits_for_the_engine_and_reports(fakes):
+    e = fakes()
+    result = registry.request_limit(e.name, 7 * PAGE)
+    assert result.applied is True and not result.apply_error and result.latency_s < 0.1
+    assert registry.read_instance(e.name).limit_bytes == 7 * PAGE
+    result = registry.request_limit(e.name, None)  # restoring "no limit" works as well
+    assert result.applied is True and e.applied[-1][1] is None
+    assert registry.read_persisted_limit(e.name) is None and not os.path.exists(registry.limit_path(e.name))
+    assert registry.read_instance(e.name).requested_limit is None
+    with pytest.raises(ConfigError):
+        registry.request_limit(e.name, -1)
+    with pytest.raises(RegistryError, match="unknown instance"):
+        registry.request_limit(unique("nobody-here"), PAGE)
+
+
+def test_a_failing_apply_is_logged_and_the_watcher_goes_on(fakes, caplog):
+    e = fakes(fail=True)
+    with caplog.at_level(logging.ERROR, logger="kvcached"):
+        logging.getLogger("kvcached").propagate = True
+        try:
+            result = registry.request_limit(e.name, 3 * PAGE)
+        finally:
+            logging.getLogger("kvcached").propagate = False
+    assert result.apply_error and not result.applied
+    assert any("applying the limit" in rec.getMessage() for rec in caplog.records)
+    assert registry.read_instance(e.name).apply_error
+    e.fail = False
+    result = registry.request_limit(e.name, 4 * PAGE)
+    assert result.applied and registry.read_instance(e.name).limit_bytes == 4 * PAGE
+
+
+def test_operator_limit_survives_restart_unless_engine_has_its_own():
+    name = unique("persist")
+    e = FakeEngine(name)
+    registry.request_limit(name, 6 * PAGE)
+    e.close()
+    assert not os.path.exists(registry.segment_path(name))
+    assert registry.read_persisted_limit(name) == 6 * PAGE  # close() keeps the operator's limit
+
+    e = FakeEngine(name)  # no limit of its own: the operator's is applied before open() returns
+    try:
+        assert [limit for _, limit in e.applied] == [6 * PAGE]
+        r = registry.read_instance(name)
+        assert (r.limit_bytes, r.persisted_limit) == (6 * PAGE, 6 * PAGE)
+    finally:
+        e.close()
+
+    e = FakeEngine(name, explicit_limit=2 * PAGE, limit=2 * PAGE)  # its own limit wins
+    try:
+        time.sleep(0.1)
+        assert e.applied == [] and registry.read_instance(name).limit_bytes == 2 * PAGE
+    finally:
+        e.close()
+
+    assert registry.delete(name) is None  # no segment left; the saved limit goes
+    assert not os.path.exists(registry.limit_path(name))
+    with pytest.raises(RegistryError, match="unknown instance"):
+        registry.delete(name)
+
+
+def test_concurrent_writers_lose_no_update(fakes, children):
+    """An engine publishing as fast as it can while two kvctl processes set limits: nothing torn, nothing lost.
+
+    Every figure the engine publishes has premapped = (used / 4096 mod 7) * 4096, so a torn read shows.
+    """
+    e = fakes()
+    stop = threading.Event()
+    published = []
+
+    def publisher():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            e.set(used_bytes=i * 4096, premapped_bytes=(i % 7) * 4096)
+        published.append(i)
+
+    torn = []
+
+    def reader():
+        while not stop.is_set():
+            r = registry.read_instance(e.name)
+            if r.premapped_bytes != (r.used_bytes // 4096 % 7) * 4096:
+                torn.append(r)
+
+    per_writer = 150
+    writer = (
+        "import sys\nfrom kvcached import registry\nname, base = sys.argv[1], int(sys.argv[2])\nbad = 0\n"
+        "for k in range({n}):\n"
+        "    registry.request_limit(name, base + k, wait_s=0)\n"
+        "    r = registry.read_instance(name)\n"
+        "    bad += r.premapped_bytes != (r.used_bytes // 4096 % 7) * 4096\n"
+        "print(bad)\n"
+    ).format(n=per_writer)
+    threads = [threading.Thread(target=publisher), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", writer, e.name, str(base)], stdout=subprocess.PIPE, text=True,
+                                  env=env(), cwd=REPO) for base in (10**9, 2 * 10**9)]
+        children.extend(procs)
+        outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert [p.returncode for p in procs] == [0, 0] and outputs == ["0", "0"], outputs
+    assert torn == []
+    r = registry.read_instance(e.name)
+    last = published[0]
+    # The engine's last write and kvctl's every increment are both there.
+    assert (r.used_bytes, r.premapped_bytes) == (last * 4096, (last % 7) * 4096)
+    assert r.requested_generation == 2 * per_writer
+    assert r.requested_limit in (10**9 + per_writer - 1, 2 * 10**9 + per_writer - 1)
+    assert r.persisted_limit == r.requested_limit  # saved and requested under one lock: they agree
+    assert wait_until(lambda: registry.read_instance(e.name).applied_generation == 2 * per_writer, timeout=2.0)
+    assert e.applied[-1][1] == r.requested_limit
+
+
+def test_publish_is_cheap(fakes):
+    e = fakes()
+    stats = e.stats
+    start = time.perf_counter()
+    for _ in range(20000):
+        e.reg.publish(stats)
+    per_call = (time.perf_counter() - start) / 20000
+    assert per_call < 50e-6, per_call  # ~2 us measured on the dev VM
+
+
+def test_heartbeat_moves_while_idle(fakes):
+    e = fakes()
+    time.sleep(0.6)
+    assert registry.read_instance(e.name).heartbeat_age_s < 2 * registry.HEARTBEAT_S + 0.1
+
+
+# ---- liveness and cleanup ------------------------------------------------------------------------------------------
+
+
+def test_reused_pid_and_other_namespaces(fakes):
+    image = _segment_bytes(fakes().name)
+    ticks = shm_segment.start_ticks(os.getpid())
+    same, reused, other_ns_fresh, other_ns_stale = (unique(t) for t in ("same", "reused", "nsfresh", "nsstale"))
+    _write_segment(same, _with_header(image, name=same.encode()))
+    _write_segment(reused, _with_header(image, name=reused.encode(), ticks=ticks + 1))  # our pid, another start
+    now = time.monotonic_ns()
+    _write_segment(other_ns_fresh, _with_heartbeat(_with_header(image, name=other_ns_fresh.encode(), pid=1,
+                                                                pidns=1), now))
+    _write_segment(other_ns_stale, _with_heartbeat(_with_header(image, name=other_ns_stale.encode(), pid=os.getpid(),
+                                                                pidns=1), now - int(10e9)))
+    status = {r.name: r.status for r in registry.list_instances([same, reused, other_ns_fresh, other_ns_stale])}
+    assert status == {same: "alive", reused: "dead", other_ns_fresh: "alive", other_ns_stale: "dead"}
+    assert set(registry.clean_dead()) >= {reused, other_ns_stale}
+    assert os.path.exists(registry.segment_path(same)) and os.path.exists(registry.segment_path(other_ns_fresh))
+
+
+def test_killed_instance_is_dead_and_the_next_start_removes_only_it(fakes, children):
+    keep = fakes()
+    dead_name, other_name = unique("killed"), unique("other")
+    victim = start_fake_child(dead_name, pages=3)
+    survivor = start_fake_child(other_name)
+    children.extend([victim, survivor])
+    victim.kill()
+    victim.wait(10)
+    r = registry.read_instance(dead_name)
+    assert (r.status, r.alive, r.pid, r.used_bytes) == ("dead", False, victim.pid, 3 * PAGE)
+    # An invalid file and another user's dead segment under the prefix must survive the cleanup.
+    invalid = unique("junk")
+    _write_segment(invalid, b"\xff" * 600)
+    foreign = unique("foreign-dead")
+    path = _write_segment(foreign, _with_header(_segment_bytes(dead_name), name=foreign.encode()))
+    os.chown(path, 65534, 65534)
+    stats_before = {n: os.stat(registry.segment_path(n)) for n in (keep.name, other_name, invalid, foreign)}
+
+    fakes()  # the next instance to start cleans up
+    assert not os.path.exists(registry.segment_path(dead_name))
+    for n, st in stats_before.items():
+        after = os.stat(registry.segment_path(n))
+        assert (after.st_ino, after.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
+    assert registry.read_instance(other_name).alive and registry.read_instance(keep.name).alive
+
+
+def test_close_removes_only_its_own_segment():
+    e = FakeEngine(unique("replaced"))
+    path = registry.segment_path(e.name)
+    os.unlink(path)  # e.g. `kvctl delete --force`, then another instance took the name
+    other = FakeEngine(e.name)
+    try:
+        e.close()
+        assert registry.read_instance(other.name).alive
+    finally:
+        other.close()
+    assert not os.path.exists(path)
+
+
+def test_delete_refuses_live_instances_without_force(fakes, caplog):
+    e = fakes()
+    with pytest.raises(RegistryError, match="alive"):
+        registry.delete(e.name)
+    registry.request_limit(e.name, PAGE)
+    removed = registry.delete(e.name, force=True)
+    assert removed.alive and not os.path.exists(registry.segment_path(e.name))
+    assert not os.path.exists(registry.limit_path(e.name))
+
+
+def test_segment_unchanged_by_a_reader_mapping(fakes):
+    """Readers map the segment read-only: a stray write through their mapping cannot happen."""
+    e = fakes()
+    with open(registry.segment_path(e.name), "rb") as f:
+        mm = mmap.mmap(f.fileno(), registry.RECORD_SIZE, access=mmap.ACCESS_READ)
+        with pytest.raises(TypeError):
+            mm[0:1] = b"x"
+        mm.close()
