@@ -107,15 +107,18 @@ def fast_path(manager: KVCacheManager, calls: int) -> dict:
     return {"calls": 2 * calls, "us_per_call": elapsed / (2 * calls) * 1e6}
 
 
-def busy_wait(seconds: float) -> None:
-    """Stand-in for an engine step's own work between allocations (sleep is too coarse at this scale)."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+def engine_work(device: str, seconds: float) -> None:
+    """Stand-in for an engine step between allocations: a GPU kernel of that length, waited for as an engine waits
+    (without the GIL); on the host, a sleep."""
+    if device.startswith("cuda"):
+        torch.cuda._sleep(int(seconds * 1.7e9))  # cycles at about the H100's SM clock
+        torch.cuda.synchronize(device)
+    else:
+        time.sleep(seconds)
 
 
 def mapper_stall(device: str, virtual_bytes: int, pages: int, cycles: int = 4) -> dict:
-    """The engine's thread allocs and frees 16 blocks at a time (50 us of work between calls) while the mapper maps
+    """The engine's thread allocs and frees 16 blocks at a time (50 us of GPU work between calls) while the mapper maps
     and unmaps pages behind it, growing to `pages` pages and back `cycles` times. Every call's latency is recorded."""
     manager = KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=True, register=False,
                              config=Config(min_reserved_pages=2, max_reserved_pages=4, trim_idle_s=60.0))
@@ -132,12 +135,12 @@ def mapper_stall(device: str, virtual_bytes: int, pages: int, cycles: int = 4) -
                 latencies.append(time.perf_counter() - start)
                 assert ids is not None, "out of memory in the stall test"
                 held.append(ids)
-                busy_wait(50e-6)
+                engine_work(device, 50e-6)
             for ids in held:
                 start = time.perf_counter()
                 manager.free(ids)
                 latencies.append(time.perf_counter() - start)
-                busy_wait(50e-6)
+                engine_work(device, 50e-6)
         latencies.sort()
         return {
             "calls": len(latencies), "allocs_with_empty_reserve": empty,

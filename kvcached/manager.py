@@ -153,11 +153,15 @@ class KVCacheManager:
             self._check_freeable(ids)
             self._allocated.difference_update(ids)
             m = self.layout.ids_per_page
-            touched = set()
-            for block in ids:
-                page = block // m
-                self._free_in_page.setdefault(page, []).append(block)
-                touched.add(page)
+            first, last = min(ids) // m, max(ids) // m
+            if first == last:  # the common case, one page: no per-id Python loop
+                self._free_in_page.setdefault(first, []).extend(ids)
+                touched = (first,)
+            else:
+                touched = set()
+                for block in ids:
+                    self._free_in_page.setdefault(block // m, []).append(block)
+                    touched.add(block // m)
             self._num_free += len(ids)
             for page in touched:
                 self._settle(page)

@@ -1,7 +1,8 @@
 """Child process for test_pagetable: follows a page table with real host memory, answers on stdin/stdout.
 
-Commands: "mapped" -> bytes mapped by the follower and resident in the reservation; "hold" / "release" -> start and
-end a step (no unmapping meanwhile); "quit".
+Arguments: the table's path and the device. Commands: "mapped" -> bytes mapped by the follower, and bytes the OS
+holds in the reservation (host: from smaps; GPU: the driver's used memory); "hold" / "release" -> start and end a step
+(no unmapping meanwhile); "quit".
 """
 
 import sys
@@ -24,7 +25,7 @@ def resident_bytes(base: int, size: int) -> int:
 
 if __name__ == "__main__":
     table = PageTable.attach(sys.argv[1])
-    vmm = open_vmm("cpu")
+    vmm = open_vmm(sys.argv[2])
     size = table.num_pages * table.page_bytes
     base = vmm.reserve(size)
     follower = PageFollower(table, vmm, base)
@@ -32,7 +33,8 @@ if __name__ == "__main__":
     for line in sys.stdin:
         command = line.strip()
         if command == "mapped":
-            print(follower.mapped_bytes(), resident_bytes(base, size), flush=True)
+            held = resident_bytes(base, size) if vmm.device == "cpu" else vmm.total_memory() - vmm.free_memory()
+            print(follower.mapped_bytes(), held, flush=True)
         elif command == "hold":
             follower.before_step()
             print("held", flush=True)

@@ -75,26 +75,35 @@ def test_idle_reserve_is_trimmed_to_the_floor(make_manager, device):
 
 
 def test_utilization_cap_stops_mapping_before_the_device_is_full(device):
+    """The cap is machine-wide, so other processes' memory moves it: an attempt during which the device's used memory
+    moved by more than the margin, beside our own pages, says nothing and is made again (at most 5 times)."""
     from kvcached import KVCacheManager
     from kvcached.vmm import open_vmm
     from conftest import SMALL
 
-    big_page = 8 * (16 << 20)  # 16 MiB per piece: half a page of margin (64 MiB) absorbs other processes' noise
+    big_page = 8 * (16 << 20)  # 16 MiB per piece: half a page of margin (64 MiB) absorbs ordinary noise
     vmm = open_vmm(device)
-    total, used = vmm.total_memory(), vmm.total_memory() - vmm.free_memory()
-    vmm.close()
-    # Room for the null block's page and 2.5 more pages under the cap: exactly 2 more can be mapped.
-    utilization = (used + 3.5 * big_page) / total
-    manager = KVCacheManager(SMALL, device, virtual_bytes=16 * big_page, background=False, register=False,
-                             config=quiet_config(page_size_mb=16.0, gpu_utilization=utilization))
     try:
-        blocks_per_page = manager.layout.blocks_per_page
-        assert manager.alloc(2 * blocks_per_page) is not None
-        assert manager.alloc(blocks_per_page) is None
-        assert manager.memory_stats().used_bytes == 3 * big_page
-        assert manager.alloc(blocks_per_page, ignore_headroom=True) is not None  # the cap, not the limit, said no
+        for _ in range(5):
+            total, used = vmm.total_memory(), vmm.total_memory() - vmm.free_memory()
+            # Room for the null block's page and 2.5 more pages under the cap: exactly 2 more can be mapped.
+            config = quiet_config(page_size_mb=16.0, gpu_utilization=(used + 3.5 * big_page) / total)
+            manager = KVCacheManager(SMALL, device, virtual_bytes=16 * big_page, background=False, register=False,
+                                     config=config)
+            try:
+                per_page = manager.layout.blocks_per_page
+                results = (manager.alloc(2 * per_page) is not None, manager.alloc(per_page) is None,
+                           manager.memory_stats().used_bytes)
+                others = (vmm.total_memory() - vmm.free_memory()) - used - results[2]
+                if abs(others) < big_page // 2:
+                    assert results == (True, True, 3 * big_page)
+                    assert manager.alloc(per_page, ignore_headroom=True) is not None  # the cap said no, not the limit
+                    return
+            finally:
+                manager.shutdown()
+        pytest.fail("other processes kept moving the device's memory; the cap could not be tested")
     finally:
-        manager.shutdown()
+        vmm.close()
 
 
 @pytest.mark.parametrize("background", [False, True])

@@ -1,4 +1,4 @@
-"""Child process for the e2e tests: offline `LLM` greedy outputs as JSON on the last line of stdout."""
+"""Child process for the e2e tests: offline `LLM` greedy token ids, as JSON on the stdout line starting "TOKENS "."""
 
 import json
 import sys
@@ -13,5 +13,5 @@ if __name__ == "__main__":
 
     llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=1024, seed=0, kv_cache_memory_bytes=1 << 30)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
-    print(json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
     llm.llm_engine.engine_core.shutdown()  # stop the engine core and worker processes before exiting
