@@ -152,7 +152,8 @@ def mapper_stall(device: str, virtual_bytes: int, pages: int, cycles: int = 4) -
 
 
 def read_bandwidth(manager: KVCacheManager, blocks: int, repeats: int) -> dict:
-    """Gather `blocks` blocks of each layer piece, as paged attention reads them, elastic vs a plain tensor."""
+    """Gather `blocks` blocks of each layer piece, as paged attention reads them, elastic vs a plain tensor
+    (medians of alternated repetitions)."""
     device = manager.device
     ids = manager.alloc(blocks)
     assert ids is not None
@@ -162,15 +163,11 @@ def read_bandwidth(manager: KVCacheManager, blocks: int, repeats: int) -> dict:
     layers = manager.kv_tensors[:8]  # 8 layers read per measurement keep the plain copy small
 
     def timed(read) -> float:
+        synchronize(device)
+        start = time.perf_counter()
         read()
         synchronize(device)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            read()
-            synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return time.perf_counter() - start
 
     def read_elastic():
         for kv in layers:
@@ -183,7 +180,12 @@ def read_bandwidth(manager: KVCacheManager, blocks: int, repeats: int) -> dict:
             plain[1].index_select(0, plain_index).sum(dtype=torch.float32)
 
     nbytes = len(layers) * 2 * blocks * manager.layout.block_bytes
-    elastic_s, plain_s = timed(read_elastic), timed(read_plain)
+    read_elastic(), read_plain()  # warm up
+    elastic, plain_times = [], []
+    for _ in range(repeats):  # alternated, so that both see the same clocks and the same neighbours
+        elastic.append(timed(read_elastic))
+        plain_times.append(timed(read_plain))
+    elastic_s, plain_s = statistics.median(elastic), statistics.median(plain_times)
     manager.free(ids)
     return {"bytes": nbytes, "elastic_GBps": nbytes / elastic_s / GB, "plain_GBps": nbytes / plain_s / GB,
             "ratio": plain_s / elastic_s}
@@ -212,7 +214,7 @@ def main() -> None:
         ("per_piece_handles", lambda: per_piece_handles(manager, min(pages, 4))),
         ("growth", lambda: growth(manager, pages)),
         ("fast_path", lambda: fast_path(manager, args.calls)),
-        ("read_bandwidth", lambda: read_bandwidth(manager, args.read_blocks, 20)),
+        ("read_bandwidth", lambda: read_bandwidth(manager, args.read_blocks, 50)),
     ]
     for name, step in steps:
         print(f"[bench] {name} ...", flush=True)
