@@ -208,6 +208,11 @@ class KVCacheManager:
                 return self.layout.blocks_per_page if page in self.pages.pages_in_use() else 0
             return self.layout.blocks_per_page - len(free)
 
+    def trim(self) -> None:
+        """Give premapped pages back now (an engine calls this when it goes idle); blocks in use are untouched."""
+        self._check_open()
+        self.pages.trim()
+
     def memory_stats(self) -> MemoryStats:
         return self.pages.stats()
 

@@ -156,6 +156,15 @@ class PageAllocator:
         with self._lock:
             return self._stats()
 
+    def trim(self) -> None:
+        """Unmap the whole reserve now, as after KVCACHED_TRIM_IDLE_S without an alloc: for an engine that knows
+        it just went idle. The reserve is built again from the next alloc on."""
+        with self._lock:
+            self._check_open()
+            self._last_alloc = float("-inf")
+            victims = self._take_reserve(len(self._reserve))
+        self._unmap_all(victims)
+
     def balance(self) -> bool:
         """One pass of the mapper's work: refill the reserve while busy, trim it when above bounds or idle.
 

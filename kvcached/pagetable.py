@@ -143,15 +143,16 @@ class PageFollower:
         self._poll_s, self._on_error = poll_s, on_error
         self._seen = -1
         self._stop = threading.Event()
-        self.sync_maps()
+        self._sync(unmap=True)
         self._thread = threading.Thread(target=self._run, name="kvcached-follower", daemon=True)
         self._thread.start()
 
     def before_step(self) -> None:
-        """Map every wanted page now (the step may touch it), then hold off unmapping until after_step()."""
+        """Settle the table now: unmap what is no longer wanted, then map every wanted page (the step may touch it);
+        then hold off unmapping until after_step()."""
         self._step_lock.acquire()
         try:
-            self.sync_maps()
+            self._sync(unmap=True)
         except BaseException:
             self._step_lock.release()
             raise
@@ -159,27 +160,28 @@ class PageFollower:
     def after_step(self) -> None:
         self._step_lock.release()
 
-    def sync_maps(self) -> int:
-        with self._map_lock:
-            pages = np.flatnonzero(self.table.wanted > self.mapped)
-            for page in pages.tolist():
-                self._vmm.map(self._base + page * self.table.page_bytes, self.table.page_bytes)
-                self.mapped[page] = 1
-            return len(pages)
-
-    def sync_unmaps(self) -> int:
-        """Unmap pages the table no longer wants; skipped (returns -1) while a step runs."""
+    def sync(self) -> bool:
+        """Follow the table once; unmapping waits for the running step, if any. Returns whether all was done."""
         if not self._step_lock.acquire(blocking=False):
-            return -1
+            self._sync(unmap=False)
+            return False
         try:
-            with self._map_lock:
-                pages = np.flatnonzero(self.table.wanted < self.mapped)
-                for page in pages.tolist():
-                    self._vmm.unmap(self._base + page * self.table.page_bytes, self.table.page_bytes)
-                    self.mapped[page] = 0
-                return len(pages)
+            self._sync(unmap=True)
+            return True
         finally:
             self._step_lock.release()
+
+    def _sync(self, unmap: bool) -> None:
+        """Unmap first, then map: memory never exceeds what the table wants plus what a running step still holds."""
+        size = self.table.page_bytes
+        with self._map_lock:
+            if unmap:
+                for page in np.flatnonzero(self.table.wanted < self.mapped).tolist():
+                    self._vmm.unmap(self._base + page * size, size)
+                    self.mapped[page] = 0
+            for page in np.flatnonzero(self.table.wanted > self.mapped).tolist():
+                self._vmm.map(self._base + page * size, size)
+                self.mapped[page] = 1
 
     def mapped_bytes(self) -> int:
         return int(self.mapped.sum()) * self.table.page_bytes
@@ -194,16 +196,15 @@ class PageFollower:
                 self.mapped[page] = 0
 
     def _run(self) -> None:
-        pending_unmaps = False
+        settled = True
         while not self._stop.wait(self._poll_s):
             try:
                 changes = self.table.changes
-                if changes == self._seen and not pending_unmaps:
+                if changes == self._seen and settled:
                     continue
                 self._seen = changes
-                self.sync_maps()
-                pending_unmaps = self.sync_unmaps() == -1
-            except Exception as exc:  # keep following; report once per failure
+                settled = self.sync()
+            except Exception as exc:  # keep following; report the failure
                 if self._on_error is not None:
                     self._on_error(exc)
                 time.sleep(0.1)

@@ -148,3 +148,18 @@ def test_concurrent_callers_never_share_a_block_and_accounting_stays_exact(make_
     assert manager.num_allocated() == 1
     assert manager.memory_stats().used_bytes == PAGE
     wait_until(lambda: manager.memory_stats().premapped_bytes <= 2 * PAGE)  # the mapper trims freed pages promptly
+
+
+def test_trim_gives_the_reserve_back_at_once_and_it_is_rebuilt_on_the_next_page(make_manager, device):
+    manager = make_manager(config=quiet_config(min_reserved_pages=2, max_reserved_pages=4, trim_idle_s=60))
+    manager.free(manager.alloc(3 * BLOCKS_PER_PAGE))
+    assert manager.memory_stats().premapped_bytes == 4 * PAGE
+    before = device_used_bytes(device)
+    manager.trim()
+    stats = manager.memory_stats()
+    assert (stats.used_bytes, stats.premapped_bytes) == (PAGE, 0)
+    assert before - device_used_bytes(device) >= 4 * PAGE - (2 << 20)
+    manager.alloc(1)  # fits in the null block's page: no page allocated, no reserve
+    assert manager.memory_stats().premapped_bytes == 0
+    manager.alloc(BLOCKS_PER_PAGE)  # a new page: the reserve is built again
+    assert manager.memory_stats().premapped_bytes == 2 * PAGE

@@ -67,8 +67,8 @@ def worker_pid(server: Server) -> int:
 def kv_resident_bytes(server: Server) -> int:
     """Resident bytes inside the worker's KV reservation (base logged by kvcached at start-up)."""
     with open(server.log_path) as f:
-        size_mib, address = re.findall(r"over a (\d+) MiB reservation at (0x[0-9a-f]+)", f.read())[-1]
-    base, end = int(address, 16), int(address, 16) + (int(size_mib) + 1 << 20)
+        size, address = re.findall(r"over a reservation of (\d+) bytes at (0x[0-9a-f]+)", f.read())[-1]
+    base, end = int(address, 16), int(address, 16) + int(size)
     total, inside = 0, False
     with open(f"/proc/{worker_pid(server)}/smaps") as f:
         for line in f:
@@ -132,7 +132,7 @@ def wait_for(predicate, timeout: float, state=lambda: "") -> float:
 def kv_state(server: Server) -> str:
     r = record(server.spec.name)
     return (f"registry used {r.used_bytes / PAGE:.2f} pages, premapped {r.premapped_bytes / PAGE:.2f}, "
-            f"resident {kv_resident_bytes(server) / PAGE:.2f} pages")
+            f"resident {kv_resident_bytes(server)} bytes (a page is {PAGE})")
 
 
 def start(spec: ServerSpec, log_dir: str) -> Server:

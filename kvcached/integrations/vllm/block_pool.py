@@ -4,7 +4,8 @@ Note: vLLM's pool is a fixed array of blocks and a free queue; here every block 
 KVCacheManager whose pages are marked in the page table that the worker follows (kvcached/pagetable.py). A block freed
 without a prefix-cache hash goes back at once; a freed block with a hash stays cached (its memory kept) until it is
 reused, evicted to make room, or evicted because cached blocks exceed KVCACHED_MAX_CACHED_TOKENS (default: one page of
-tokens). Eviction for memory picks pages held only by cached blocks, the emptiest first, so whole pages empty out.
+tokens). Eviction for memory picks pages held only by cached blocks, least recently used first, so whole pages empty
+out. When no block is in use any more, the reserve of premapped pages is given back at once.
 `get_num_free_blocks()` is what the manager can still hand out plus the cached blocks: vLLM checks it before every
 allocation and waits or preempts when it is short, as with its own pool. The limit cannot change between that check and
 the allocation: the scheduler holds the manager's limit lock across each step (see autopatch.py).
@@ -129,6 +130,8 @@ class ElasticBlockPool(BlockPool):
         if released:
             self.kv.free(released)
         self._bound_cache()
+        if self.kv.num_allocated() == 1 + len(self._cached):  # nothing in use: the engine went idle
+            self.kv.trim()
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
 
@@ -198,16 +201,18 @@ class ElasticBlockPool(BlockPool):
             self._evict([block for blocks in pages[: len(pages) - allowed] for block in blocks])
 
     def _cache_only_pages(self) -> list[list[KVCacheBlock]]:
-        """The cached blocks of each page that only cached blocks hold, fewest blocks first."""
-        by_page: dict[int, list[KVCacheBlock]] = defaultdict(list)
-        for block in self._cached.values():
-            by_page[self.kv.layout.page_of(block.block_id)].append(block)
-        only = [blocks for page, blocks in by_page.items() if self.kv.page_fill(page) == len(blocks)]
-        return sorted(only, key=len)
+        """The cached blocks of each page that only cached blocks hold, least recently used page first (a page is as
+        recent as its most recently freed block)."""
+        by_page: dict[int, list[KVCacheBlock]] = {}
+        for block in self._cached.values():  # oldest first: a page's last entry decides its place
+            page = self.kv.layout.page_of(block.block_id)
+            by_page.setdefault(page, []).append(block)
+            by_page[page] = by_page.pop(page)
+        return [blocks for page, blocks in by_page.items() if self.kv.page_fill(page) == len(blocks)]
 
     def _emptiest_pages_first(self, count: int) -> list[KVCacheBlock]:
-        """`count` cached blocks: from pages only cached blocks hold first (evicting them unmaps whole pages),
-        then the least recently used of the rest."""
+        """`count` cached blocks: from pages only cached blocks hold first, least recently used first (evicting them
+        unmaps whole pages), then the least recently used of the rest."""
         chosen = [block for blocks in self._cache_only_pages() for block in blocks][:count]
         if len(chosen) < count:
             taken = {block.block_id for block in chosen}

@@ -68,8 +68,8 @@ def allocate_kv_cache(kv_cache_config: Any, device: torch.device, layout: Any, k
         spec = spec.kv_cache_specs[tensor.layers[0]]
     kernel_block_size = kernel_block_sizes[group_id] if kernel_block_sizes and group_id < len(kernel_block_sizes) else None
     views = create_kv_cache_views(raw, spec, kv_cache_config.num_blocks, layout, tensor, kernel_block_size=kernel_block_size)
-    logger.info("kvcached: %d layers of KV over a %d MiB reservation at %#x on %s; pages are mapped on demand",
-                len(views), tensor.size >> 20, base, vmm.device)
+    logger.info("kvcached: %d layers of KV over a reservation of %d bytes at %#x on %s; pages are mapped on demand",
+                len(views), tensor.size, base, vmm.device)
     return dict(zip(tensor.layers, views))
 
 
