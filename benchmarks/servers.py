@@ -93,17 +93,17 @@ def check_model_dir(model: str) -> None:
         raise ServerError(f"model folder {model!r} has no weights (*.safetensors or *.bin)")
 
 
-def check_port_free(port: int) -> None:
+def check_port_free(port: int, hint: str = "choose another --port") -> None:
     """Raise ServerError if something listens on 127.0.0.1:port or the port cannot be bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         if s.connect_ex((HOST, port)) == 0:
-            raise ServerError(f"port {port} on {HOST} is already in use (another server?); choose another --port")
+            raise ServerError(f"port {port} on {HOST} is already in use (another server?); {hint}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((HOST, port))
         except OSError as e:
-            raise ServerError(f"port {port} on {HOST} cannot be bound: {e}; choose another --port") from e
+            raise ServerError(f"port {port} on {HOST} cannot be bound: {e}; {hint}") from e
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -247,20 +247,13 @@ class Server:
         proc = self.proc
         if proc is None:
             return
-        try:
-            pgid = os.getpgid(proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None and proc.poll() is None:
+        pgid = proc.pid  # started with setsid: the API server leads its own group, which outlives it
+        if _group_alive(pgid):
             _killpg(pgid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if pgid is not None:
             # children (EngineCore, Worker) may outlive the API server for a moment: wait for the group to empty
             deadline = time.monotonic() + grace_s
             while _group_alive(pgid) and time.monotonic() < deadline:
+                proc.poll()  # reap the leader as soon as it exits
                 time.sleep(0.2)
             if _group_alive(pgid):
                 _killpg(pgid, signal.SIGKILL)
@@ -300,17 +293,24 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _role(p: psutil.Process) -> str:
-    """vLLM names its processes with setproctitle ("VLLM::EngineCore", "VLLM::Worker_..."); fall back to the name."""
+    """vLLM names its processes with setproctitle ("VLLM::EngineCore", "VLLM::Worker..."). Read from /proc/<pid>/comm
+    first: reading a process's cmdline takes its mmap lock, which a Worker busy mapping KV pages can hold for long."""
     try:
-        title = " ".join(p.cmdline()) or p.name()
-    except (psutil.AccessDenied, psutil.ZombieProcess):
-        title = p.name()
-    for role in ("EngineCore", "Worker"):
-        if role in title:
-            return role
+        with open(f"/proc/{p.pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = ""
+    if "EngineCor" in comm:  # comm is cut at 15 characters
+        return "EngineCore"
+    if "Worker" in comm:
+        return "Worker"
+    try:
+        title = " ".join(p.cmdline()) or comm
+    except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
+        title = comm
     if "resource_tracker" in title:
         return "resource_tracker"
-    return p.name()
+    return comm or "?"
 
 
 def start_all(servers: list[Server], timeout_s: float = 300.0, progress: Optional[Callable[[str], None]] = None,
