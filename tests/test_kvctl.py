@@ -16,8 +16,9 @@ import time
 import pytest
 
 from kvcached import registry
+from waiting import wait_until
 from registry_helpers import (  # noqa: F401 (fixtures)
-    empty_ipc_dir, ipc_dir, PAGE, REPO, engines, env, fakes, kvctl, kvctl_json, wait_until,
+    empty_ipc_dir, ipc_dir, PAGE, REPO, engines, env, fakes, kvctl, kvctl_json,
 )
 
 MiB = 1 << 20
