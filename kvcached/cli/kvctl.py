@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ipc", help="instance name")
     p.add_argument("--force", action="store_true", help="also when the instance is alive (it stays unregistered)")
 
-    add("clean", "remove the segments of dead instances (saved limits stay)")
+    add("clean", "remove the segments of dead instances and their saved limits")
     p = add("help", "show help, or a command's help")
     p.add_argument("topic", nargs="?", help="a command")
     add("exit", "leave the shell")
@@ -181,7 +181,7 @@ def _delete(args) -> int:
 
 
 def _clean(args) -> int:
-    removed = registry.clean_dead()
+    removed = registry.clean_dead(forget_limits=True)
     print(f"removed {len(removed)} dead instance(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0
 

@@ -133,8 +133,11 @@ def delete(name: str, *, force: bool = False) -> InstanceRecord | None:
     return record
 
 
-def clean_dead() -> list[str]:
-    """Remove this user's segments whose process is gone (and stale temporary files); returns the names removed."""
+def clean_dead(*, forget_limits: bool = False) -> list[str]:
+    """Remove this user's segments whose process is gone (and stale temporary files); returns the names removed.
+
+    With `forget_limits` (`kvctl clean`) their saved limits go too; an engine that starts cleans without it, so that
+    a restart under a dead instance's name keeps the operator's limit."""
     removed = []
     for name in _segment_names():
         try:
@@ -148,6 +151,8 @@ def clean_dead() -> list[str]:
                 continue
             if seg.lock(timeout_s=0) and seg.record().status == InstanceStatus.DEAD and seg.unlink():  # checked again, locked
                 removed.append(name)
+                if forget_limits:
+                    remove_limit_file(name)
     with os.scandir(shm_dir()) as entries:
         for entry in entries:
             if entry.name.startswith(TMP_PREFIX):

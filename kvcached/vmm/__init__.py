@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..devices import parse_device
+from ..errors import NoCudaDriverError
 from .base import VirtualMemory
 from .host import HostVirtualMemory
 
@@ -14,7 +15,10 @@ def open_vmm(device: str) -> VirtualMemory:
         return HostVirtualMemory()
     from .cuda import CudaVirtualMemory  # imported late: cuda-bindings is optional
 
-    return CudaVirtualMemory(parsed.index)
+    try:
+        return CudaVirtualMemory(parsed.index)
+    except NoCudaDriverError as exc:
+        raise NoCudaDriverError(f"device {str(parsed)!r}: {exc}") from None
 
 
 __all__ = ["VirtualMemory", "HostVirtualMemory", "open_vmm"]
