@@ -37,7 +37,7 @@ def synchronize(device: str) -> None:
 def make_manager(device: str, virtual_bytes: int, **config) -> KVCacheManager:
     values = dict(min_reserved_pages=0, max_reserved_pages=0, trim_idle_s=60.0)
     values.update(config)
-    return KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=False, register=False,
+    return KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=False,
                           config=Config(**values))
 
 
@@ -120,7 +120,7 @@ def engine_work(device: str, seconds: float) -> None:
 def mapper_stall(device: str, virtual_bytes: int, pages: int, cycles: int = 4) -> dict:
     """The engine's thread allocs and frees 16 blocks at a time (50 us of GPU work between calls) while the mapper maps
     and unmaps pages behind it, growing to `pages` pages and back `cycles` times. Every call's latency is recorded."""
-    manager = KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=True, register=False,
+    manager = KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=True,
                              config=Config(min_reserved_pages=2, max_reserved_pages=4, trim_idle_s=60.0))
     try:
         time.sleep(0.2)  # let the mapper fill its first reserve

@@ -133,15 +133,6 @@ def kvctl_json(*names: str) -> dict:
     return {r["name"]: r for r in json.loads(out.stdout)}
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 @dataclass(frozen=True)
 class FakeStats:
     """What MemoryStats carries (registry.py reads only these attributes); no torch needed."""
