@@ -17,7 +17,7 @@ import torch
 from kvcached import BlockError, KVCacheManager, KVGeometry
 from conftest import quiet_config
 from kvcached.integrations.sglang.autopatch import SUPPORTED_SGLANG, check_version
-from kvcached.integrations.sglang.cache_bound import bound_prefix_cache, max_cached_tokens
+from kvcached.integrations.sglang.cache_bound import bound_cached_tokens, shrink_when_idle
 from kvcached.integrations.sglang.support import unsupported_reason
 from kvcached.integrations.sglang.token_slots import TokenSlots
 
@@ -31,10 +31,10 @@ TOKENS_PER_PAGE, IDS_PER_PAGE, PAGE = 1024, 8192, 2 << 20
 def make_slots():
     made = []
 
-    def make(limit_bytes=None, pages: int = 16) -> TokenSlots:
+    def make(limit_bytes=None, pages: int = 16, **config) -> TokenSlots:
         geometry = KVGeometry(LAYERS, (1, HEADS, DIM), torch.bfloat16)
         kv = KVCacheManager(geometry, "cpu", virtual_bytes=pages * PAGE, background=False, register=False,
-                            config=quiet_config(page_size_mb=0.25), limit_bytes=limit_bytes)
+                            config=quiet_config(page_size_mb=0.25, **config), limit_bytes=limit_bytes)
         made.append(kv)
         return TokenSlots(kv, 1, "cpu")
 
@@ -181,7 +181,7 @@ def test_cached_tokens_are_bounded_least_recent_first(make_slots):
     running = slots.alloc(100)  # a request still running
     for i in range(5):
         cache.insert(f"req{i}", slots.alloc(300))
-    bound_prefix_cache(cache, cache.evict, slots, 1000)
+    bound_cached_tokens(cache, cache.evict, 1000)
     assert list(cache.entries) == ["req2", "req3", "req4"]
     assert slots.allocated_tokens() == 100 + 900
     slots.free(running)
@@ -196,14 +196,25 @@ def test_an_idle_engine_keeps_only_the_pages_its_bound_fills(make_slots):
         cache.insert(f"a{i}", ids[:200])  # the prefixes stay cached, the rest is freed: pages 0, 1, 2 stay
         slots.free(ids[200:])
     assert (cache.evictable_size(), used_pages(slots)) == (600, 3)
-    limit = max_cached_tokens(slots, None)
-    assert limit == TOKENS_PER_PAGE
-    bound_prefix_cache(cache, cache.evict, slots, limit)  # under the token bound, but over the pages it allows
+    assert slots.max_cached_tokens == TOKENS_PER_PAGE  # the default bound: one page of tokens
+    bound_cached_tokens(cache, cache.evict, slots.max_cached_tokens)
+    assert cache.evictable_size() == 600  # under the token bound...
+    shrink_when_idle(cache, cache.evict, slots, slots.max_cached_tokens)  # ...but over the pages it allows
     assert used_pages(slots) == 2  # a0 went, but page 0 keeps the padding slot; a1 went with page 1
     assert list(cache.entries) == ["a2"]
 
 
-def test_a_busy_engine_keeps_its_cached_pages(make_slots):
+def test_an_idle_engine_gives_its_reserve_back(make_slots):
+    slots = make_slots(max_reserved_pages=4, trim_idle_s=3600.0)
+    cache = RecencyCache(slots)
+    slots.free(slots.alloc(3 * TOKENS_PER_PAGE))  # freed pages stay premapped: the engine is busy for an hour
+    assert slots.kv.memory_stats().premapped_bytes == 3 * PAGE
+    shrink_when_idle(cache, cache.evict, slots, slots.max_cached_tokens)
+    stats = slots.kv.memory_stats()
+    assert (stats.used_bytes, stats.premapped_bytes) == (PAGE, 0)
+
+
+def test_an_engine_with_a_running_request_keeps_its_cached_pages(make_slots):
     slots = make_slots()
     cache = RecencyCache(slots)
     for i in range(3):
@@ -211,7 +222,7 @@ def test_a_busy_engine_keeps_its_cached_pages(make_slots):
         cache.insert(f"a{i}", ids[:200])
         slots.free(ids[200:])
     cache.protected = 50  # a running request holds a cached prefix
-    bound_prefix_cache(cache, cache.evict, slots, TOKENS_PER_PAGE)
+    shrink_when_idle(cache, cache.evict, slots, TOKENS_PER_PAGE)
     assert cache.evictable_size() == 600
 
 

@@ -10,8 +10,9 @@ the pool's manager maps pages itself, in that process. Each patch replaces one n
   sglang.srt.model_executor.model_runner  ModelRunner.init_cuda_graphs   trim the reserve before capture, so that
                                                                          no driver call runs while CUDA captures
   sglang.srt.mem_cache.kv_cache_builder.build_kv_cache    refuse prefix caches other than the radix and chunk caches
-  sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req   bound the prefix cache (cache_bound.py)
+  sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req   bound the cached tokens (cache_bound.py)
   sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run    hold the limit lock across a step
+                                         Scheduler.on_idle        idle: cached pages to the bound, reserve back
   sglang.srt.managers.scheduler_components.invariant_checker
       SchedulerInvariantChecker._check_full_pool   the idle leak check counts slots, not what may be mapped now
 An SGLang version other than those listed, or a setting support.py refuses, stops SGLang at start-up with a message
@@ -129,38 +130,51 @@ def _patch_cache_builder(module: ModuleType) -> None:
 
 
 def _patch_radix_cache(module: ModuleType) -> None:
-    from ...config import Config
-    from .cache_bound import bound_prefix_cache, max_cached_tokens
+    from .cache_bound import bound_cached_tokens
 
     original = module.RadixCache.cache_finished_req
-    configured = Config.from_env().max_cached_tokens
 
     @functools.wraps(original)
     def cache_finished_req(self, req, *args, **kwargs):
         result = original(self, req, *args, **kwargs)
         if _elastic(self.token_to_kv_pool_allocator) and not self.disable:
-            from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
-            slots = self.token_to_kv_pool_allocator.slots
-            bound_prefix_cache(self, lambda n: self.evict(EvictParams(num_tokens=n)), slots,
-                               max_cached_tokens(slots, configured))
+            bound_cached_tokens(self, _evictor(self), self.token_to_kv_pool_allocator.slots.max_cached_tokens)
         return result
 
     module.RadixCache.cache_finished_req = cache_finished_req
 
 
-def _patch_scheduler(module: ModuleType) -> None:
-    original = module.Scheduler.get_next_batch_to_run
+def _evictor(tree):
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    @functools.wraps(original)
+    return lambda num_tokens: tree.evict(EvictParams(num_tokens=num_tokens))
+
+
+def _patch_scheduler(module: ModuleType) -> None:
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    from .cache_bound import shrink_when_idle
+
+    scheduler = module.Scheduler
+    next_batch, on_idle = scheduler.get_next_batch_to_run, scheduler.on_idle
+
+    @functools.wraps(next_batch)
     def get_next_batch_to_run(self, *args, **kwargs):
         allocator = self.token_to_kv_pool_allocator
         if not _elastic(allocator):
-            return original(self, *args, **kwargs)
+            return next_batch(self, *args, **kwargs)
         with allocator.slots.kv.limit_lock:  # the limit cannot fall between available_size() and alloc()
-            return original(self, *args, **kwargs)
+            return next_batch(self, *args, **kwargs)
 
-    module.Scheduler.get_next_batch_to_run = get_next_batch_to_run
+    @functools.wraps(on_idle)
+    def idle(self, *args, **kwargs):
+        allocator, tree = self.token_to_kv_pool_allocator, self.tree_cache
+        if _elastic(allocator) and isinstance(tree, RadixCache) and not tree.disable and self.is_fully_idle():
+            shrink_when_idle(tree, _evictor(tree), allocator.slots, allocator.slots.max_cached_tokens)
+        return on_idle(self, *args, **kwargs)  # after: SGLang's leak check sees the cache as it stays
+
+    scheduler.get_next_batch_to_run = get_next_batch_to_run
+    scheduler.on_idle = idle
 
 
 def _patch_invariant_checker(module: ModuleType) -> None:

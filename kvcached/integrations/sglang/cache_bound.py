@@ -4,14 +4,17 @@ and an idle engine keeps at most the pages those fill.
 Note: SGLang's radix cache keeps every finished request's tokens until the pool runs short, and with an elastic pool
 it never does: idle memory would stay at the burst's peak. After each finished request, the cache's evictable tokens
 are evicted down to the bound (LRU, SGLang's own eviction). Cached tokens are scattered over pages, so a bound on
-tokens is not one on memory: when no request holds a token any more, cached prefixes are evicted (LRU, one leaf at a
-time) until the pages in use are at most the null block's page plus the pages the bound fills.
+tokens is not one on memory: when the scheduler is idle (no request holds a token), cached prefixes are evicted (LRU,
+one leaf at a time) until the pages in use are at most the padding slot's page plus the pages the bound fills, and the
+reserve of premapped pages is given back. That runs from the scheduler's idle hook, not after each request: SGLang
+frees the slots of a step's finished requests together at the step's end (a free group), so page counts are only
+final between steps.
 Duck-typed over the tree (evictable_size, protected_size) and an `evict(num_tokens)` callable: no SGLang import.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Protocol
 
 from .token_slots import TokenSlots
 
@@ -22,15 +25,16 @@ class PrefixCache(Protocol):
     def protected_size(self) -> int: ...
 
 
-def max_cached_tokens(slots: TokenSlots, configured: Optional[int]) -> int:
-    """KVCACHED_MAX_CACHED_TOKENS, default one page of tokens."""
-    return slots.tokens_per_page if configured is None else configured
-
-
-def bound_prefix_cache(tree: PrefixCache, evict: Callable[[int], None], slots: TokenSlots, max_tokens: int) -> None:
+def bound_cached_tokens(tree: PrefixCache, evict: Callable[[int], None], max_tokens: int) -> None:
+    """After a request finished: evict the least recent cached tokens beyond the bound."""
     excess = tree.evictable_size() - max_tokens
     if excess > 0:
         evict(excess)
+
+
+def shrink_when_idle(tree: PrefixCache, evict: Callable[[int], None], slots: TokenSlots, max_tokens: int) -> None:
+    """With no token in use by a request: evict cached prefixes until the pages in use are within the bound, and give
+    the reserve back."""
     if tree.protected_size() or slots.allocated_tokens() != tree.evictable_size():
         return  # requests hold tokens: their pages are needed anyway
     allowed = 1 + -(-max_tokens // slots.tokens_per_page)
@@ -39,7 +43,8 @@ def bound_prefix_cache(tree: PrefixCache, evict: Callable[[int], None], slots: T
         evict(1)  # the least recent leaf: at least one token, as little as possible
         if tree.evictable_size() == before:  # nothing left that SGLang may evict
             break
-    slots.kv.trim()  # idle: the reserve of premapped pages goes back now
+    if slots.kv.memory_stats().premapped_bytes:
+        slots.kv.trim()
 
 
 def _pages_in_use(slots: TokenSlots) -> int:

@@ -55,7 +55,8 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
     def _create_buffers(self) -> None:
         if self.use_hnd or self.kv_cache_layout != "nhd":
             raise RuntimeError(f"kvcached supports SGLang's NHD KV layout, not {self.kv_cache_layout!r}")
-        self.slots = TokenSlots(self._open_manager(), self.page_size, elastic_device())
+        config = Config.from_env()
+        self.slots = TokenSlots(self._open_manager(config), self.page_size, elastic_device(), config.max_cached_tokens)
         self.k_buffer, self.v_buffer = self.slots.buffers()
         # The KV store kernel and the OOB check bound slot ids by size + page_size rows (the padding slot's page).
         self.size = self.slots.num_rows - self.page_size
@@ -66,9 +67,8 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
             [np.prod(x.shape[1:]) * x.dtype.itemsize for x in self.k_buffer + self.v_buffer], device=self.device
         )
 
-    def _open_manager(self) -> KVCacheManager:
+    def _open_manager(self, config: Config) -> KVCacheManager:
         """The manager, with no more address space than SGLang's token budget needs (`--max-total-tokens` caps it)."""
-        config = Config.from_env()
         device = elastic_device()
         geometry = KVGeometry(self.layer_num, (self.page_size, self.head_num, self.head_dim), self.store_dtype)
         granularity = granularity_of(device)

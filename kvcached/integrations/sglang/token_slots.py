@@ -26,10 +26,12 @@ from ...manager import KVCacheManager
 class TokenSlots:
     """Token slots handed out from kvcached blocks of `page_size` tokens; all counts are in tokens."""
 
-    def __init__(self, kv: KVCacheManager, page_size: int, device: str) -> None:
+    def __init__(self, kv: KVCacheManager, page_size: int, device: str, max_cached_tokens: Optional[int] = None) -> None:
         if kv.null_block != 0:
             raise ValueError("kvcached for SGLang needs the manager's null block (block 0, SGLang's padding slot)")
         self.kv, self.page_size, self.device = kv, page_size, torch.device(device)
+        # KVCACHED_MAX_CACHED_TOKENS: the prefix cache's bound (cache_bound.py), default one page of tokens.
+        self.max_cached_tokens = self.tokens_per_page if max_cached_tokens is None else max_cached_tokens
         self._group: Optional[list[torch.Tensor]] = None  # frees collected between free_group_begin/end
         self._journal: Optional[list[list[int]]] = None  # blocks allocated since backup_state()
 
