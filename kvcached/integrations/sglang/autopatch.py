@@ -82,7 +82,7 @@ def _patch_pools(module: ModuleType) -> None:
     def elastic_available_bytes(self, pre_model_load_memory):
         from ...config import Config
 
-        return pool.elastic_virtual_bytes(Config.from_env(), pool.elastic_device())
+        return pool.elastic_virtual_bytes(Config.from_env(), pool.elastic_device(self.device))
 
     @functools.wraps(init_pools)
     def checked_init_pools(self):

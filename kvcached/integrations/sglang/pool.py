@@ -33,8 +33,11 @@ logger = logging.getLogger("sglang.kvcached")
 pending_ipc_name: Optional[str] = None
 
 
-def elastic_device() -> str:
-    """The GPU of this SGLang rank: ModelRunner has made it the current device before any pool exists."""
+def elastic_device(device: str) -> str:
+    """kvcached's name for SGLang's device: on CUDA, the rank's GPU, which ModelRunner made the current device before
+    any pool exists; "cpu" runs the pool over host memory (for tests: start-up refuses SGLang on CPU)."""
+    if torch.device(device).type == "cpu":
+        return "cpu"
     return f"cuda:{torch.cuda.current_device()}"
 
 
@@ -56,7 +59,8 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
         if self.use_hnd or self.kv_cache_layout != "nhd":
             raise RuntimeError(f"kvcached supports SGLang's NHD KV layout, not {self.kv_cache_layout!r}")
         config = Config.from_env()
-        self.slots = TokenSlots(self._open_manager(config), self.page_size, elastic_device(), config.max_cached_tokens)
+        self.slots = TokenSlots(self._open_manager(config), self.page_size, elastic_device(self.device),
+                                config.max_cached_tokens)
         self.k_buffer, self.v_buffer = self.slots.buffers()
         # The KV store kernel and the OOB check bound slot ids by size + page_size rows (the padding slot's page).
         self.size = self.slots.num_rows - self.page_size
@@ -69,7 +73,7 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
 
     def _open_manager(self, config: Config) -> KVCacheManager:
         """The manager, with no more address space than SGLang's token budget needs (`--max-total-tokens` caps it)."""
-        device = elastic_device()
+        device = elastic_device(self.device)
         geometry = KVGeometry(self.layer_num, (self.page_size, self.head_num, self.head_dim), self.store_dtype)
         granularity = granularity_of(device)
         piece = piece_page_bytes(config.page_size_bytes, device, geometry.block_bytes, granularity)
