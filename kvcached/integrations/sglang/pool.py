@@ -96,10 +96,8 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
         mapped = self.slots.kv.memory_stats().mapped_bytes
         return mapped // 2, mapped - mapped // 2
 
-    def _clear_buffers(self) -> None:
-        raise RuntimeError("kvcached: SGLang's KV buffers are kvcached's; they are not dropped and re-made")
-
     def shutdown(self) -> None:
+        """Unmap everything and leave the registry (SGLang itself never calls this: its process exits)."""
         self.slots.kv.shutdown()
 
 
