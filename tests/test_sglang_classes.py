@@ -11,7 +11,8 @@ the vLLM CPU build's torch): these tests skip unless `sglang` imports. To run th
 
 What runs: the autopatch hooks replace each name autopatch.py lists, in a fresh interpreter; the elastic pool
 (ElasticMHATokenToKVPool over a host reservation) with SGLang's own set_kv_buffer and get_key_buffer; the elastic
-allocator under SGLang's RadixCache with the prefix-cache bound; the scheduler's idle leak check with kvcached's count.
+allocator under SGLang's RadixCache with the prefix-cache bound; the scheduler's idle leak check with kvcached's count;
+refusals at start-up (a bad variable at `import sglang`, an unsupported setting in the model runner, before any pool).
 """
 
 from __future__ import annotations
@@ -141,3 +142,34 @@ def test_the_idle_leak_check_counts_slots_not_memory(pool):
         assert checker.SchedulerInvariantChecker._check_full_pool(me, stats)[0]
     finally:
         checker.SchedulerInvariantChecker._check_full_pool = original
+
+
+def test_a_bad_setting_stops_sglang_at_import_saying_why():
+    code = "import kvcached.startup as startup; startup.run(); import sglang"
+    env = dict(os.environ, ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", KVCACHED_PAGE_SIZE_MB="big", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "kvcached is enabled (ENABLE_KVCACHED, KVCACHED_AUTOPATCH) but could not start: " \
+           "KVCACHED_PAGE_SIZE_MB='big' is invalid" in out.stderr
+
+
+def test_a_setting_kvcached_cannot_serve_stops_the_model_runner_before_any_pool():
+    code = textwrap.dedent("""
+        import sys
+        from types import SimpleNamespace
+        sys.path.insert(0, "tests")
+        import kvcached.startup as startup
+        startup.run()
+        import sglang.srt.model_executor.model_runner_kv_cache_mixin as mixin
+        from test_sglang_adapter import settings
+        args, runner = settings(tp_size=2)
+        runner.server_args = args
+        try:
+            mixin.ModelRunnerKVCacheMixin.init_memory_pool(runner, 0)
+        except RuntimeError as exc:
+            print("REFUSED", exc)
+    """)
+    env = dict(os.environ, ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert "REFUSED kvcached is enabled (ENABLE_KVCACHED) but cannot serve this SGLang engine: tp_size=2: kvcached " \
+           "supports one GPU per SGLang engine (size 1)." in out.stdout, out.stderr[-3000:]

@@ -134,7 +134,8 @@ def run_burst(engine, gpu: Gpu, prompts, output_len: int, ipc_name: str | None, 
     wall = time.monotonic() - t0
     samples = sampler.stop()
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    result = {"requests": len(outs), "output_tokens": tokens, "wall_s": round(wall, 3),
+    finished = sum(1 for o in outs if (o["meta_info"].get("finish_reason") or {}).get("type") == "length")
+    result = {"requests": len(outs), "finished_at_length": finished, "output_tokens": tokens, "wall_s": round(wall, 3),
               "tok_per_s": round(tokens / wall, 1), "peak_device_mib": max(s["device_mib"] for s in samples)}
     if ipc_name:
         result["peak_mapped_mib"] = round(max(s["mapped_mib"] for s in samples), 1)
@@ -322,7 +323,7 @@ def summarize(results: dict) -> None:
         lb = elastic["limited_burst"]
         summary["limit_mib"] = lb["limit_mib"]
         summary["max_mapped_after_limit_mib"] = lb["max_mapped_after_limit_mib"]
-        summary["limited_burst_completed"] = lb["requests"]
+        summary["limited_burst_finished_at_length"] = f"{lb['finished_at_length']}/{lb['requests']}"
     log("summary " + json.dumps(summary))
 
 
