@@ -71,12 +71,16 @@ class Gpu:
         import psutil
 
         tree = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
-        return {p.pid: (p.usedGpuMemory or 0) // MIB
-                for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle) if p.pid in tree}
+        try:
+            running = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self.nvml.NVMLError as exc:  # some containers hide processes: the device figure still counts
+            return {"unavailable": str(exc)}
+        return {p.pid: (p.usedGpuMemory or 0) // MIB for p in running if p.pid in tree}
 
     def snapshot(self) -> dict:
         procs = self.processes_mib()
-        return {"device_mib": self.device_mib(), "processes_mib": procs, "tree_mib": sum(procs.values())}
+        tree = sum(v for v in procs.values() if isinstance(v, int))
+        return {"device_mib": self.device_mib(), "processes_mib": procs, "tree_mib": tree}
 
     def wait_below(self, mib: int, timeout_s: float = 60.0) -> int:
         deadline = time.monotonic() + timeout_s
@@ -92,21 +96,24 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.gpu, self.ipc_name, self.on_sample = gpu, ipc_name, on_sample
         self.samples: list[dict] = []
-        self.t0, self._stop = time.monotonic(), threading.Event()
+        self.t0, self.done = time.monotonic(), threading.Event()  # not `_stop`: threading.Thread has one
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            sample = {"t": round(time.monotonic() - self.t0, 3), "device_mib": self.gpu.device_mib()}
-            if self.ipc_name:
-                sample["mapped_mib"] = mapped_bytes(self.ipc_name) / MIB
-            self.samples.append(sample)
-            if self.on_sample:
-                self.on_sample(sample)
-            time.sleep(0.05)
+        while not self.done.wait(0.05):
+            self.sample()
+
+    def sample(self) -> None:
+        sample = {"t": round(time.monotonic() - self.t0, 3), "device_mib": self.gpu.device_mib()}
+        if self.ipc_name:
+            sample["mapped_mib"] = mapped_bytes(self.ipc_name) / MIB
+        self.samples.append(sample)
+        if self.on_sample:
+            self.on_sample(sample)
 
     def stop(self) -> list[dict]:
-        self._stop.set()
+        self.done.set()
         self.join()
+        self.sample()  # the last one, after the burst
         return self.samples
 
 
@@ -199,11 +206,14 @@ def limited_burst(engine, gpu: Gpu, args, vocab: int, ipc_name: str) -> dict:
     limit = args.limit_mib * MIB
     applied: dict = {}
 
-    def on_sample(sample):
+    def set_limit(sample):
+        out = kvctl("limit", ipc_name, f"{args.limit_mib}M")
+        applied.update(rc=out.returncode, output=(out.stdout + out.stderr).strip())
+
+    def on_sample(sample):  # kvctl runs beside the sampler, which keeps sampling meanwhile
         if not applied and sample["mapped_mib"] * MIB > limit:
-            out = kvctl("limit", ipc_name, f"{args.limit_mib}M")
-            applied.update(t=sample["t"], mapped_mib=sample["mapped_mib"], rc=out.returncode,
-                           output=(out.stdout + out.stderr).strip())
+            applied.update(t=sample["t"], mapped_mib=sample["mapped_mib"])
+            threading.Thread(target=set_limit, args=(sample,), daemon=True).start()
 
     prompts = burst_prompts(100, args.prompts, args.input_len, vocab)
     burst = run_burst(engine, gpu, prompts, 2 * args.output_len, ipc_name, on_sample)  # longer: the cap has time
