@@ -1,4 +1,4 @@
-"""kvcached's SGLang adapter over the host backend: token slots, buffers, limits, frees, release, the prefix-cache bound.
+"""kvcached's SGLang adapter on the host backend: token slots, buffers, limits, frees, release, the prefix-cache bound.
 
 SGLang 0.5.15.post1 cannot be imported without a CUDA driver (sgl_kernel loads libcuda; its memory pool module imports
 triton), so these tests drive the SGLang-free layer under the patched classes (token_slots.py, cache_bound.py,
@@ -230,6 +230,7 @@ def settings(**overrides):
     args = dict(tp_size=1, pp_size=1, dp_size=1, dcp_size=1, attn_cp_size=1, enable_dp_attention=False,
                 enable_hierarchical_cache=False, enable_unified_memory=False, enable_page_major_kv_layout=False,
                 enable_hisparse=False, prefill_only_disable_kv_cache=False, enable_lmcache=False,
+                enable_return_routed_experts=False, enable_return_indexer_topk=False,
                 speculative_algorithm=None, disaggregation_mode="null", page_size=1)
     runner = dict(device="cuda", use_mla_backend=False, is_hybrid_swa=False, mambaish_config=None,
                   is_draft_worker=False)
@@ -243,8 +244,12 @@ def settings(**overrides):
     ({"tp_size": 2}, "tp_size=2: kvcached supports one GPU per SGLang engine (size 1)"),
     ({"speculative_algorithm": "EAGLE"}, "speculative decoding (EAGLE) is not supported by kvcached"),
     ({"page_size": 16}, "page_size=16: kvcached supports SGLang's token pool with page size 1"),
-    ({"enable_hierarchical_cache": True}, "the hierarchical cache (enable_hierarchical_cache) is not supported by kvcached"),
-    ({"disaggregation_mode": "prefill"}, "PD disaggregation (disaggregation_mode=prefill) is not supported by kvcached"),
+    ({"enable_hierarchical_cache": True},
+     "the hierarchical cache (enable_hierarchical_cache) is not supported by kvcached"),
+    ({"enable_return_routed_experts": True},
+     "returning routed experts (enable_return_routed_experts) is not supported by kvcached"),
+    ({"disaggregation_mode": "prefill"},
+     "PD disaggregation (disaggregation_mode=prefill) is not supported by kvcached"),
     ({"use_mla_backend": True}, "MLA models (a latent KV pool) are not supported by kvcached"),
     ({"is_hybrid_swa": True}, "hybrid sliding-window models (two KV pools) are not supported by kvcached"),
     ({"device": "cpu"}, "device 'cpu': kvcached supports SGLang on CUDA GPUs"),

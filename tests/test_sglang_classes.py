@@ -71,7 +71,8 @@ def test_autopatch_replaces_every_listed_name_when_sglang_is_imported():
                    scheduler.Scheduler.get_next_batch_to_run, scheduler.Scheduler.on_idle,
                    checker.SchedulerInvariantChecker._check_full_pool]
         assert all(getattr(f, "__wrapped__", None) for f in wrapped), wrapped
-        assert mixin.ModelRunnerKVCacheMixin._profile_available_bytes.__module__ == "kvcached.integrations.sglang.autopatch"
+        profile = mixin.ModelRunnerKVCacheMixin._profile_available_bytes
+        assert profile.__module__ == "kvcached.integrations.sglang.autopatch"
         print("PATCHED", len(wrapped) + 3)
     """)
     env = dict(os.environ, ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", PYTHONPATH=ROOT)
@@ -131,7 +132,8 @@ def test_the_idle_leak_check_counts_slots_not_memory(pool):
     autopatch._patch_invariant_checker(checker)
     try:
         tree = SimpleNamespace(protected_size=lambda: 500)
-        me = SimpleNamespace(is_hybrid_swa=False, is_hybrid_ssm=False, tree_cache=tree, max_total_num_tokens=allocator.size,
+        me = SimpleNamespace(is_hybrid_swa=False, is_hybrid_ssm=False, tree_cache=tree,
+                             max_total_num_tokens=allocator.size,
                              pool_stats_observer=SimpleNamespace(session_held_tokens=lambda: 0),
                              server_args=SimpleNamespace(dcp_size=1), token_to_kv_pool_allocator=allocator,
                              _check_pool_invariant=checker.SchedulerInvariantChecker._check_pool_invariant)

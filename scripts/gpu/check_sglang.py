@@ -302,7 +302,7 @@ def main() -> None:
 
 
 def require_startup_hook() -> None:
-    """SGLang's scheduler is a fresh (spawned) interpreter: kvcached patches it only through the .pth in site-packages."""
+    """SGLang's scheduler is a fresh (spawned) interpreter: kvcached patches it only through the site-packages .pth."""
     import site
 
     folders = site.getsitepackages() + [site.getusersitepackages()]

@@ -123,7 +123,8 @@ def _patch_cache_builder(module: ModuleType) -> None:
 
         result = original(*args, **kwargs)
         if _elastic(result.token_to_kv_pool_allocator) and not isinstance(result.tree_cache, (RadixCache, ChunkCache)):
-            raise RuntimeError(f"kvcached supports SGLang's radix cache (or none), not {type(result.tree_cache).__name__}")
+            raise RuntimeError(f"kvcached supports SGLang's radix cache (or none), not "
+                               f"{type(result.tree_cache).__name__}")
         return result
 
     module.build_kv_cache = build_kv_cache

@@ -1,12 +1,13 @@
 """What kvcached can serve in SGLang, decided at start-up from SGLang's settings: a refusal names the setting and why.
 
-Note: kvcached replaces one pool class (MHATokenToKVPool, one K and one V buffer per layer, NHD rows) and the two
-plain token allocators, in one process per engine. Everything that builds another pool (MLA, hybrid SWA or
+Note: kvcached replaces one pool class (MHATokenToKVPool, one K and one V buffer per layer, NHD rows) and the plain
+token allocator (page size 1), in one process per engine. Everything that builds another pool (MLA, hybrid SWA or
 Mamba/linear attention, FP4 KV, the page-major layout, the unified pool), splits the KV cache over several processes
-(tensor, pipeline, data or decode-context parallel), or reads the pool in ways not checked here (speculative
-decoding, PD disaggregation, hierarchical cache, HiSparse) stops SGLang at start-up: kvcached never lets SGLang run
-its static pool silently while enabled. The checks read attributes of SGLang's ServerArgs and ModelRunner
-(0.5.15.post1) but import nothing of SGLang, so they are tested without it.
+(tensor, pipeline, data or decode-context parallel), reads the pool in ways not checked here (speculative decoding, PD
+disaggregation, the hierarchical cache, HiSparse) or sizes buffers by the token budget (returning routed experts)
+stops SGLang at start-up: kvcached never lets SGLang run its static pool silently while enabled. The checks read
+attributes of SGLang's ServerArgs and ModelRunner (0.5.15.post1) but import nothing of SGLang, so they are tested
+without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ _FLAGS = (  # (ServerArgs attribute, what it is): each must be off
     ("enable_hisparse", "HiSparse"),
     ("prefill_only_disable_kv_cache", "--prefill-only-disable-kv-cache"),
     ("enable_lmcache", "LMCache"),
+    # sized by SGLang's token budget, which with kvcached is the whole address space:
+    ("enable_return_routed_experts", "returning routed experts"),
+    ("enable_return_indexer_topk", "returning the indexer's top-k"),
 )
 _SIZES = ("tp_size", "pp_size", "dp_size", "dcp_size", "attn_cp_size")
 

@@ -27,7 +27,8 @@ from ...manager import KVCacheManager
 class TokenSlots:
     """Token slots handed out from kvcached blocks of `page_size` tokens; all counts are in tokens."""
 
-    def __init__(self, kv: KVCacheManager, page_size: int, device: str, max_cached_tokens: Optional[int] = None) -> None:
+    def __init__(self, kv: KVCacheManager, page_size: int, device: str,
+                 max_cached_tokens: Optional[int] = None) -> None:
         if kv.null_block != 0:
             raise ValueError("kvcached for SGLang needs the manager's null block (block 0, SGLang's padding slot)")
         self.kv, self.page_size, self.device = kv, page_size, torch.device(device)
@@ -72,7 +73,8 @@ class TokenSlots:
     def alloc(self, need_size: int) -> Optional[torch.Tensor]:
         """`need_size` slots (a multiple of page_size), whole pages of consecutive slots, or None when short."""
         if need_size % self.page_size:
-            raise ValueError(f"kvcached: allocation of {need_size} tokens is not a multiple of page size {self.page_size}")
+            raise ValueError(f"kvcached: allocation of {need_size} tokens is not a multiple of page size "
+                             f"{self.page_size}")
         blocks = self.alloc_blocks(need_size // self.page_size)
         if blocks is None:
             return None
