@@ -268,3 +268,27 @@ def test_an_unsupported_sglang_version_is_refused():
     check_version("0.5.15.post1")
     with pytest.raises(RuntimeError, match=r"SGLang 0.5.23 is not supported: kvcached patches SGLang 0.5.15.post1"):
         check_version("0.5.23")
+
+
+@pytest.mark.parametrize("env, active, message", [
+    ({}, False, None),
+    ({"ENABLE_KVCACHED": "1", "KVCACHED_AUTOPATCH": "1"}, True, None),
+    ({"ENABLE_KVCACHED": "1"}, False, "ENABLE_KVCACHED is set but KVCACHED_AUTOPATCH is not, so SGLang would run its "
+                                     "static KV pool"),
+    ({"ENABLE_KVCACHED": "1", "KVCACHED_AUTOPATCH": "1"}, False, "its start-up hook did not patch this SGLang process"),
+])
+def test_sglangs_plugin_check_stops_a_process_that_would_run_unpatched(monkeypatch, env, active, message):
+    from kvcached import startup
+    from kvcached.integrations.sglang import plugin
+
+    for name in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(startup, "ACTIVE", active)
+    monkeypatch.setattr(startup, "ERROR", None)
+    if message is None:
+        plugin.check()
+        return
+    with pytest.raises(SystemExit, match=message):  # SystemExit: SGLang catches and logs a plugin's Exception
+        plugin.check()

@@ -7,12 +7,14 @@ the vLLM CPU build's torch): these tests skip unless `sglang` imports. To run th
     python3.11 -m venv /tmp/sgl-cpu && /tmp/sgl-cpu/bin/pip install pytest psutil orjson pybase64 msgspec \\
         setproctitle pyzmq uvloop partial-json-parser pydantic fastapi triton torchvision ipython pillow \\
         transformers==5.12.1 tokenizers==0.22.2 && /tmp/sgl-cpu/bin/pip install --no-deps sglang==0.5.15.post1
+    /tmp/sgl-cpu/bin/pip install --no-deps --no-build-isolation -e .     # kvcached's SGLang plugin entry point
     /tmp/sgl-cpu/bin/python -m pytest tests/test_sglang_classes.py
 
 What runs: the autopatch hooks replace each name autopatch.py lists, in a fresh interpreter; the elastic pool
 (ElasticMHATokenToKVPool over a host reservation) with SGLang's own set_kv_buffer and get_key_buffer; the elastic
 allocator under SGLang's RadixCache with the prefix-cache bound; the scheduler's idle leak check with kvcached's count;
-refusals at start-up (a bad variable at `import sglang`, an unsupported setting in the model runner, before any pool).
+refusals at start-up (a bad variable at `import sglang`, an unsupported setting in the model runner, before any pool,
+ENABLE_KVCACHED without KVCACHED_AUTOPATCH through SGLang's plugin loader).
 """
 
 from __future__ import annotations
@@ -175,3 +177,16 @@ def test_a_setting_kvcached_cannot_serve_stops_the_model_runner_before_any_pool(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert "REFUSED kvcached is enabled (ENABLE_KVCACHED) but cannot serve this SGLang engine: tp_size=2: kvcached " \
            "supports one GPU per SGLang engine (size 1)." in out.stdout, out.stderr[-3000:]
+
+
+def test_sglang_stops_when_kvcached_is_enabled_without_autopatch():
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "kvcached" for ep in entry_points(group="sglang.srt.plugins")):
+        pytest.skip("kvcached is not installed in this venv (pip install --no-deps --no-build-isolation -e .)")
+    code = "from sglang.srt.plugins import load_plugins; load_plugins(); print('NOT STOPPED')"
+    env = {k: v for k, v in os.environ.items() if k != "KVCACHED_AUTOPATCH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(env, ENABLE_KVCACHED="1", PYTHONPATH=ROOT))
+    assert out.returncode != 0 and "NOT STOPPED" not in out.stdout
+    assert "ENABLE_KVCACHED is set but KVCACHED_AUTOPATCH is not, so SGLang would run its static KV pool" in out.stderr

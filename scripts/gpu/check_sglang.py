@@ -290,6 +290,7 @@ def main() -> None:
         require_startup_hook()
         ipc_name = f"sglang-check-{os.getpid()}"
         os.environ.update(ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=ipc_name)
+        run_startup_hook()
         log(f"SGLang with kvcached (registry name {ipc_name})")
         try:
             check_engine("kvcached", engine_kwargs, args, gpu, vocab, ipc_name, results, save)
@@ -299,6 +300,16 @@ def main() -> None:
     summarize(results)
     save()
     log(f"wrote {path}")
+
+
+def run_startup_hook() -> None:
+    """This process started without ENABLE_KVCACHED: run the start-up hook now, as the .pth would have, so that
+    kvcached's SGLang plugin check passes here too (the scheduler, spawned now, runs it from the .pth)."""
+    try:
+        from kvcached.integrations import startup  # where the hook lives once issue 8 moved it
+    except ImportError:
+        from kvcached import startup
+    startup.run()
 
 
 def require_startup_hook() -> None:
