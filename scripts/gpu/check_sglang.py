@@ -15,7 +15,9 @@ engine: 8 greedy prompts; GPU memory idle (NVML: the device, and each process of
 every 50 ms for the peak; memory after the burst; release and resume of the KV cache (memory, and the 8 prompts again).
 kvcached only: `kvctl list --json` shows the instance, and a burst during which `kvctl limit NAME --limit` is set once
 the instance maps more than the limit (the samples show memory held there, then falling under it). JSON goes to
---out/check_sglang.json after every phase, so a run cut short still reports what it did.
+--out/check_sglang.json after every phase, so a run cut short still reports what it did. With --server, a third
+start: `python -m sglang.launch_server` with kvcached on --port (8600), whose greedy outputs over HTTP must equal the
+offline ones, and whose /release_memory_occupation and /resume_memory_occupation must free and restore the memory.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "The quick brown fox",
            "In 1969, the first", "Water boils at", "A haiku about GPUs:", "SELECT name FROM"]
@@ -257,6 +261,8 @@ def main() -> None:
     p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=256)
     p.add_argument("--only", choices=("vanilla", "kvcached"), help="run one engine only")
+    p.add_argument("--server", action="store_true", help="also start the HTTP server with kvcached (a third start)")
+    p.add_argument("--port", type=int, default=8600, help="the HTTP server's port (--server)")
     args = p.parse_args()
     for name in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH"):
         os.environ.pop(name, None)
@@ -297,9 +303,80 @@ def main() -> None:
         finally:
             time.sleep(1.0)
             results["kvctl_delete"] = kvctl("delete", ipc_name).returncode
+        if args.server:
+            log("SGLang's HTTP server with kvcached")
+            check_server(engine_kwargs, args, gpu, results, save)
     summarize(results)
     save()
     log(f"wrote {path}")
+
+
+def post(port: int, path: str, body: dict, timeout: float = 300.0):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        text = response.read().decode()
+    return json.loads(text) if text.strip() else None
+
+
+def check_server(engine_kwargs: dict, args, gpu: Gpu, results: dict, save) -> None:
+    """`python -m sglang.launch_server` with kvcached: greedy outputs over HTTP, kvctl, release/resume over HTTP."""
+    part = results["server"] = {}
+    ipc_name = f"sglang-check-server-{os.getpid()}"
+    flags = []
+    for key, value in engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    command = [sys.executable, "-m", "sglang.launch_server", *flags, "--port", str(args.port)]
+    part["command"] = command
+    server = subprocess.Popen(command, env=dict(os.environ, KVCACHED_IPC_NAME=ipc_name), start_new_session=True)
+    try:
+        t0, deadline = time.monotonic(), time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(1)
+        part["start_s"] = round(time.monotonic() - t0, 1)
+        if server.poll() is not None:
+            part["error"] = f"the server exited with {server.returncode}"
+            return
+        log(f"server: up in {part['start_s']} s")
+        listed = kvctl("list", "--json", ipc_name)
+        part["kvctl_list"] = json.loads(listed.stdout) if listed.returncode == 0 else listed.stderr.strip()
+
+        def greedy() -> list[str]:
+            return [o["text"] for o in post(args.port, "/generate", {"text": PROMPTS, "sampling_params": GREEDY})]
+
+        part["greedy"] = greedy()
+        offline = results.get("vanilla", {}).get("greedy") or results.get("kvcached", {}).get("greedy")
+        part["greedy_equal_to_offline"] = part["greedy"] == offline if offline else None
+        before = gpu.snapshot()
+        post(args.port, "/release_memory_occupation", {"tags": ["kv_cache"]})
+        time.sleep(0.5)
+        released = gpu.snapshot()
+        post(args.port, "/resume_memory_occupation", {"tags": ["kv_cache"]})
+        part["release_resume"] = {"before": before, "released": released, "resumed": gpu.snapshot(),
+                                  "mapped_mib_released": mapped_bytes(ipc_name) / MIB,
+                                  "outputs_equal_after_resume": greedy() == part["greedy"]}
+        log(f"server: greedy equal to offline {part['greedy_equal_to_offline']}, release/resume "
+            f"{part['release_resume']['released']['device_mib']} MiB released, outputs equal after resume "
+            f"{part['release_resume']['outputs_equal_after_resume']}")
+        save()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        time.sleep(1.0)
+        part["kvctl_delete"] = kvctl("delete", ipc_name).returncode
+        log(f"server: stopped; device at {gpu.wait_below(results['device_before_mib'] + 1024)} MiB")
 
 
 def run_startup_hook() -> None:
@@ -340,6 +417,11 @@ def summarize(results: dict) -> None:
             rr = part["release_resume"]
             summary[f"{label}_release_freed_mib"] = rr["freed_mib"]
             summary[f"{label}_outputs_equal_after_resume"] = rr["outputs_equal_after_resume"]
+    if "server" in results:
+        server = results["server"]
+        summary["server_greedy_equal_to_offline"] = server.get("greedy_equal_to_offline")
+        resumed = server.get("release_resume", {})
+        summary["server_outputs_equal_after_resume"] = resumed.get("outputs_equal_after_resume")
     if "limited_burst" in elastic:
         lb = elastic["limited_burst"]
         summary["limit_mib"] = lb["limit_mib"]
