@@ -13,11 +13,12 @@ same weights), triton attention, PyTorch sampling, no grammar backend, --enable-
 engine: 8 greedy prompts; GPU memory idle (NVML: the device, and each process of this process tree); two bursts of
 --prompts random prompts (different prompts per burst, the same for both engines; the better burst counts) sampled
 every 50 ms for the peak; memory after the burst; release and resume of the KV cache (memory, and the 8 prompts again).
-kvcached only: `kvctl list --json` shows the instance, and a burst during which `kvctl limit NAME --limit` is set once
-the instance maps more than the limit (the samples show memory held there, then falling under it). JSON goes to
+kvcached only: `kvctl list --json` shows the instance, and a burst during which `kvctl limit NAME <--limit-mib>M` is set
+once the instance maps more than that (the samples show what it maps after). JSON goes to
 --out/check_sglang.json after every phase, so a run cut short still reports what it did. With --server, a third
 start: `python -m sglang.launch_server` with kvcached on --port (8600), whose greedy outputs over HTTP must equal the
 offline ones, and whose /release_memory_occupation and /resume_memory_occupation must free and restore the memory.
+`--only server` on the same machine compares with the offline outputs an earlier run left in /tmp (GREEDY_FILE).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "The 
            "In 1969, the first", "Water boils at", "A haiku about GPUs:", "SELECT name FROM"]
 GREEDY = {"temperature": 0, "max_new_tokens": 32}
 MIB = 1 << 20
+GREEDY_FILE = "/tmp/sgl-check-greedy.json"  # the offline greedy outputs, for a later `--only server` run
 
 
 def log(message: str) -> None:
@@ -174,6 +176,8 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
             log(f"{label}: kvctl list -> {listed.stdout.strip()[:300] or listed.stderr.strip()}")
         part["greedy"] = texts(engine)
         log(f"{label}: greedy {part['greedy'][:2]}")
+        with open(GREEDY_FILE, "w") as f:
+            json.dump(part["greedy"], f)
         time.sleep(2.5)  # past KVCACHED_TRIM_IDLE_S: an idle kvcached engine has given its reserve back
         part["idle"] = gpu.snapshot()
         if ipc_name:
@@ -260,7 +264,7 @@ def main() -> None:
     p.add_argument("--limit-mib", type=int, default=128, help="the kvctl limit set during the limited burst")
     p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=256)
-    p.add_argument("--only", choices=("vanilla", "kvcached"), help="run one engine only")
+    p.add_argument("--only", choices=("vanilla", "kvcached", "server"), help="run one phase only")
     p.add_argument("--server", action="store_true", help="also start the HTTP server with kvcached (a third start)")
     p.add_argument("--port", type=int, default=8600, help="the HTTP server's port (--server)")
     args = p.parse_args()
@@ -289,23 +293,26 @@ def main() -> None:
                          disable_prefill_cuda_graph=True, log_level="warning")
     results["engine_kwargs"] = engine_kwargs
     results["device_before_mib"] = gpu.device_mib()
-    if args.only != "kvcached":
+    phases = [args.only] if args.only else ["vanilla", "kvcached"] + (["server"] if args.server else [])
+    if "vanilla" in phases:
         log("vanilla SGLang (static KV pool)")
         check_engine("vanilla", engine_kwargs, args, gpu, vocab, None, results, save)
-    if args.only != "vanilla":
+    if "kvcached" in phases or "server" in phases:
         require_startup_hook()
-        ipc_name = f"sglang-check-{os.getpid()}"
-        os.environ.update(ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=ipc_name)
+        os.environ.update(ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1")
         run_startup_hook()
+    if "kvcached" in phases:
+        ipc_name = f"sglang-check-{os.getpid()}"
+        os.environ["KVCACHED_IPC_NAME"] = ipc_name
         log(f"SGLang with kvcached (registry name {ipc_name})")
         try:
             check_engine("kvcached", engine_kwargs, args, gpu, vocab, ipc_name, results, save)
         finally:
             time.sleep(1.0)
             results["kvctl_delete"] = kvctl("delete", ipc_name).returncode
-        if args.server:
-            log("SGLang's HTTP server with kvcached")
-            check_server(engine_kwargs, args, gpu, results, save)
+    if "server" in phases:
+        log("SGLang's HTTP server with kvcached")
+        check_server(engine_kwargs, args, gpu, results, save)
     summarize(results)
     save()
     log(f"wrote {path}")
@@ -354,6 +361,9 @@ def check_server(engine_kwargs: dict, args, gpu: Gpu, results: dict, save) -> No
 
         part["greedy"] = greedy()
         offline = results.get("vanilla", {}).get("greedy") or results.get("kvcached", {}).get("greedy")
+        if offline is None and os.path.exists(GREEDY_FILE):
+            with open(GREEDY_FILE) as f:
+                offline = json.load(f)
         part["greedy_equal_to_offline"] = part["greedy"] == offline if offline else None
         before = gpu.snapshot()
         post(args.port, "/release_memory_occupation", {"tags": ["kv_cache"]})
