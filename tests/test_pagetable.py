@@ -61,7 +61,7 @@ def shared(tmp_path, device):
         child.base_held, child.slack = (0, 0) if device == "cpu" else (child.mapped()[1], 8 << 20)
     finally:
         table.unlink()  # both have it mapped (or the child failed): nothing stays in /dev/shm
-    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, register=False, config=quiet_config())
+    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, config=quiet_config())
     yield manager, child
     manager.shutdown()
     child.close()
