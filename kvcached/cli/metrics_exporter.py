@@ -1,0 +1,84 @@
+"""Prometheus gauges of the kvcached registry: memory of every instance on this machine, for operators and the router.
+
+Note (why): `kvctl list` shows the registry to a person; Prometheus needs the same numbers scraped. The collector reads
+the shared-memory records at each scrape (no polling thread, no state of its own) and exports, per live instance of
+this user: used, premapped (mapped but not yet holding blocks) and limit bytes, labelled with the instance name and
+device. A dead instance's last figures are not memory anyone holds, so only `kvcached_instance_alive` 0 is exported
+for it. The router serves these from its own /metrics; without a router, `kvctl metrics --port 9400` (or
+`python -m kvcached.cli.metrics_exporter`) serves them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Iterator, Optional
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from kvcached.registry import list_instances
+
+BYTE_GAUGES = (
+    ("kvcached_instance_used_bytes", "KV cache bytes holding blocks in use", "used_bytes"),
+    ("kvcached_instance_premapped_bytes", "bytes mapped ahead of demand (the reserve), not yet in use",
+     "premapped_bytes"),
+    ("kvcached_instance_limit_bytes", "the instance's memory limit in bytes", "limit_bytes"),
+)
+
+
+class RegistryCollector:
+    """Collects the registry's records at scrape time."""
+
+    def __init__(self, names: Optional[list[str]] = None) -> None:
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        records = [r for r in list_instances(self.names, missing_ok=True) if r.status in ("alive", "dead")]
+        alive = GaugeMetricFamily("kvcached_instance_alive", "1 while the instance's process lives", labels=["instance"])
+        families = [GaugeMetricFamily(name, doc, labels=["instance", "device"]) for name, doc, _ in BYTE_GAUGES]
+        for record in records:
+            alive.add_metric([record.name], 1.0 if record.alive else 0.0)
+            if record.alive:
+                for family, (_, _, field) in zip(families, BYTE_GAUGES):
+                    family.add_metric([record.name, record.device], float(getattr(record, field)))
+        yield alive
+        yield from families
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Serve the registry's gauges at http://host:port/metrics until SIGINT or SIGTERM."""
+    registry = CollectorRegistry()
+    registry.register(RegistryCollector())
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    print(f"kvcached metrics at http://{host}:{port}/metrics", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=9400, help="port to serve /metrics on (default 9400)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvcached-metrics", description="Serve the kvcached registry's memory "
+                                     "gauges (used, premapped, limit bytes per instance) for Prometheus.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        serve(args.port, args.host)
+    except OSError as exc:
+        print(f"kvcached-metrics: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
