@@ -158,7 +158,6 @@ def test_memory_aware_waking_puts_the_least_recently_used_idle_model_away_first(
     """Free memory = 10 GiB minus 4 GiB for each fake engine that is alive and awake (as its state file says)."""
     capacity, need = 10 << 30, 4 << 30
     files = {n: str(tmp_path / f"{n}.state") for n in "abc"}
-    r: RouterThread
 
     def free(device: str) -> int:
         assert device == "cpu"
@@ -172,9 +171,8 @@ def test_memory_aware_waking_puts_the_least_recently_used_idle_model_away_first(
     models = {n: fake_model(8530 + i, sleep_after_s=600, memory="4G",
                             env={"FAKE_MEMORY_FILE": files[n], "FAKE_SLEEP": "ignore" if n == "c" else "honour"})
               for i, n in enumerate("abc")}
-    with RouterThread(doc(models), free_bytes=None) as r0:
-        r = r0
-        r.router.arbiter.free_bytes = free
+    r = RouterThread(doc(models), free_bytes=free)
+    with r:
         states = lambda: {n: m.state.value for n, m in r.router.models.items()}  # noqa: E731
         assert complete(r.url, "a")[0] == 200 and complete(r.url, "b")[0] == 200
         assert complete(r.url, "c")[0] == 200  # 2 GiB free: a, the least recently used, is put to sleep
