@@ -21,7 +21,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 from ...config import Config
-from ...manager import KVCacheManager
+from ...opener import open_cache
 from ...pagetable import TableVirtualMemory
 from ...units import format_size
 from .plan import current_plan, take_table
@@ -59,9 +59,7 @@ class ElasticBlockPool(BlockPool):
         config = Config.from_env()
         self.table = take_table()
         vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
-        self.kv = KVCacheManager(
-            plan.geometry(), vmm, virtual_bytes=plan.virtual_bytes, config=config, ipc_name=plan.ipc_name,
-        )
+        self.kv = open_cache(plan.geometry(), vmm, virtual_bytes=plan.virtual_bytes, config=config, name=plan.ipc_name)
         assert self.kv.null_block == self.null_block.block_id == 0
         self.blocks = _Blocks(self, self.null_block)
         self.free_block_queue = None  # vLLM's queue is replaced by the manager and `_cached`; any use is a bug
