@@ -1,5 +1,5 @@
-"""The registry's Prometheus exporter (kvcached/cli/metrics_exporter.py), served as its own process, against real
-engines (tests/registry_child.py: a KVCacheManager on the host backend registered in a private registry directory)."""
+"""`kvctl metrics`: the registry's Prometheus exporter (kvcached/cli/metrics_exporter.py) in its own process, against
+real engines (tests/registry_child.py: a KVCacheManager on the host backend registered in a private registry directory)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from registry_helpers import (  # noqa: F401 (fixtures)
 from kvcached import registry
 
 PORT = 8560
+KVCTL_METRICS = [sys.executable, "-m", "kvcached.cli.kvctl", "metrics", "--port", str(PORT), "--host", "127.0.0.1"]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -27,8 +28,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 @pytest.fixture
 def exporter():
-    proc = subprocess.Popen([sys.executable, "-m", "kvcached.cli.metrics_exporter", "--port", str(PORT), "--host",
-                             "127.0.0.1"], env=env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(KVCTL_METRICS, env=env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith(f"kvcached metrics at http://127.0.0.1:{PORT}/metrics")
     yield proc
     proc.terminate()
@@ -59,8 +59,7 @@ def test_byte_gauges_equal_the_registry_and_dead_instances_export_only_alive_0(e
 
 
 def test_a_busy_port_is_one_line_on_stderr(exporter):
-    done = subprocess.run([sys.executable, "-m", "kvcached.cli.metrics_exporter", "--port", str(PORT), "--host",
-                           "127.0.0.1"], env=env(), cwd=REPO, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(KVCTL_METRICS, env=env(), cwd=REPO, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
-    assert done.stderr.startswith(f"kvcached-metrics: cannot listen on 127.0.0.1:{PORT}: ")
+    assert done.stderr.startswith(f"kvctl: error: cannot listen on 127.0.0.1:{PORT}: ")
     assert done.stderr.count("\n") == 1

@@ -90,7 +90,8 @@ def test_cpu_engines_get_no_sleep_flag_and_kvcached_can_be_turned_off():
     (config(sleep_after_s=10, stop_after_s=5), "models.m.sleep_after_s: 10.0 is not below stop_after_s"),
     (config(sleep_level=3), "models.m.sleep_level: expected an integer 1..2"),
     (config(memory="big"), "models.m.memory: 'big' is not a size"),
-    (config(device="gpu0"), "models.m.device: 'gpu0' is not one of"),
+    (config(device="gpu0"), "models.m.device: device 'gpu0' is not one of 'cpu', 'cuda', 'cuda:N'"),
+    (config(device="cpu:1"), "models.m.device: device 'cpu:1': the host backend has no index"),
     (config(start_timeout_s=0), "models.m.start_timeout_s: expected a number >= 1.0"),
     ({"models": {"a": GOOD, "b": GOOD}}, "models.b.port: 8590 is also the port of model 'a'"),
 ])

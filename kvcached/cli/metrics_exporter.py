@@ -4,15 +4,12 @@ Note (why): `kvctl list` shows the registry to a person; Prometheus needs the sa
 the shared-memory records at each scrape (no polling thread, no state of its own) and exports, per live instance of
 this user: used, premapped (mapped but not yet holding blocks) and limit bytes, labelled with the instance name and
 device. A dead instance's last figures are not memory anyone holds, so only `kvcached_instance_alive` 0 is exported
-for it. The router serves these from its own /metrics; without a router, `kvctl metrics --port 9400` (or
-`python -m kvcached.cli.metrics_exporter`) serves them alone.
+for it. The router serves these from its own /metrics; without a router, `kvctl metrics --port 9400` serves them alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import threading
 from typing import Iterator, Optional
 
@@ -49,36 +46,18 @@ class RegistryCollector:
 
 
 def serve(port: int, host: str = "0.0.0.0") -> None:
-    """Serve the registry's gauges at http://host:port/metrics until SIGINT or SIGTERM."""
+    """Serve the registry's gauges at http://host:port/metrics until SIGINT or SIGTERM (handlers restored after)."""
     registry = CollectorRegistry()
     registry.register(RegistryCollector())
     server, thread = start_http_server(port, addr=host, registry=registry)
-    print(f"kvcached metrics at http://{host}:{port}/metrics", flush=True)
+    print(f"kvcached metrics at http://{host}:{port}/metrics (Ctrl-C stops)", flush=True)
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    server.shutdown()
-    thread.join(timeout=5)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=9400, help="port to serve /metrics on (default 9400)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvcached-metrics", description="Serve the kvcached registry's memory "
-                                     "gauges (used, premapped, limit bytes per instance) for Prometheus.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve(args.port, args.host)
-    except OSError as exc:
-        print(f"kvcached-metrics: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+        done.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.shutdown()
+        thread.join(timeout=5)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

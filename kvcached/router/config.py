@@ -28,11 +28,11 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..devices import parse_device
 from ..errors import ConfigError
 from ..units import parse_size
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # also a valid KVCACHED_IPC_NAME, so the registry record has this name
-DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 KVCACHED_ENV = {"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1"}
 SLEEP_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # vLLM serves /sleep, /wake_up and /is_sleeping only in dev mode
 ROUTER_MANAGED_FLAGS = ("--host", "--port")
@@ -229,10 +229,10 @@ def _model(name: Any, spec: Any) -> ModelConfig:
     if spec.get("memory") is not None:
         out["memory_bytes"] = _size(f"{key}.memory", spec["memory"], minimum=1)
     if "device" in spec:
-        device = _string(f"{key}.device", spec["device"])
-        if not DEVICE.match(device):
-            raise RouterConfigError(f"{key}.device: {device!r} is not one of 'cpu', 'cuda', 'cuda:N'")
-        out["device"] = "cuda:0" if device == "cuda" else device
+        try:
+            out["device"] = str(parse_device(_string(f"{key}.device", spec["device"])))
+        except ValueError as exc:
+            raise RouterConfigError(f"{key}.device: {exc}") from None
     if "start_timeout_s" in spec:
         out["start_timeout_s"] = _number(f"{key}.start_timeout_s", spec["start_timeout_s"], minimum=1.0)
     return ModelConfig(**out)
