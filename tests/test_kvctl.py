@@ -237,11 +237,10 @@ def test_shell_runs_commands_and_only_bang_runs_shell_commands(fakes, tmp_path):
     assert out.returncode == 0
     assert f"{e.name}: limit 64M (67108864 bytes), applied in" in out.stdout
     errors = out.stderr.splitlines()
+    commands = "list, limit, limit-percent, watch, kvtop, delete, clean, metrics, help, exit, quit"
     assert errors == [
-        "error: unknown command 'frobnicate' (commands: list, limit, limit-percent, watch, kvtop, delete, clean, "
-        "help, exit, quit; see 'help')",
-        "error: unknown command 'touch' (commands: list, limit, limit-percent, watch, kvtop, delete, clean, help, "
-        "exit, quit; see 'help')",
+        f"error: unknown command 'frobnicate' (commands: {commands}; see 'help')",
+        f"error: unknown command 'touch' (commands: {commands}; see 'help')",
         "error: unknown instance 'nobody' (see 'kvctl list')",
     ]
     assert not marker.exists() and (tmp_path / "bang").read_text() == "bang-ran\n"

@@ -30,6 +30,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1-65535, got {text!r}")
+    return int(text)
+
+
 def print_error(prefix: str, exc: BaseException) -> None:
     text = " ".join(str(exc).split()) or type(exc).__name__  # always one line
     print(prefix + text, file=sys.stderr, flush=True)

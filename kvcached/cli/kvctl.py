@@ -21,7 +21,7 @@ from .. import registry
 from ..errors import KVCachedError, RegistryError
 from ..registry import InstanceRecord, InstanceStatus
 from ..units import format_size, parse_size
-from .common import OneLineParser, UsageError, number, positive_float, print_error
+from .common import OneLineParser, UsageError, number, port, positive_float, print_error
 
 PROMPT = "kvcached> "
 HISTORY = "~/.kvctl_history"
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="also when the instance is alive (it stays unregistered)")
 
     add("clean", "remove the segments of dead instances and their saved limits")
+    p = add("metrics", "serve the instances' memory as Prometheus gauges at /metrics (Ctrl-C stops)")
+    p.add_argument("--port", type=port, default=9400, help="port (default 9400)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p = add("help", "show help, or a command's help")
     p.add_argument("topic", nargs="?", help="a command")
     add("exit", "leave the shell")
@@ -186,6 +189,16 @@ def _clean(args) -> int:
     return 0
 
 
+def _metrics(args) -> int:
+    from . import metrics_exporter  # prometheus-client is needed only here (kvcached[router])
+
+    try:
+        metrics_exporter.serve(args.port, args.host)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
 def _help(args) -> int:
     parser = build_parser()
     if args.topic is None:
@@ -198,7 +211,7 @@ def _help(args) -> int:
 
 
 _HANDLERS = {"list": _list, "limit": _limit, "limit-percent": _limit_percent, "watch": _watch, "kvtop": _kvtop,
-             "delete": _delete, "clean": _clean, "help": _help, "exit": lambda a: 0, "quit": lambda a: 0}
+             "delete": _delete, "clean": _clean, "metrics": _metrics, "help": _help, "exit": lambda a: 0, "quit": lambda a: 0}
 COMMANDS = tuple(_HANDLERS)
 
 
