@@ -9,13 +9,25 @@ is still missing. Unmapping happens only between steps (the follower takes the s
 unwanted at that moment, so a page the scheduler wants again is never taken away under a running step. An idle engine
 sends no steps, yet its pages are still released: the follower thread needs none.
 
+Note [the worker never holds more than the table wants]: the scheduler's page allocator keeps the wanted pages under
+the limit at every instant (it marks a page unwanted before it lets another page be wanted in its place), so the
+worker stays under the limit if it never holds more pages than the table wants at that moment. Two things broke that
+before (tests/test_vllm_e2e.py caught the worker's resident KV one partly populated page over the limit):
+  1. A step held a page the scheduler had just released (its unmap waits for the step to end), while the follower
+     thread went on mapping newly wanted pages: old page + new page, one page over, until the step ended.
+  2. A follower pass read the table twice, once to unmap and once to map: a page released between the two reads was
+     kept while the page wanted in its place was mapped.
+So each pass works from one consistent snapshot of the table (`PageTable.snapshot`), unmaps what it may, and maps
+only while the pages it holds number fewer than the snapshot wants: a page still held by a running step keeps the
+page wanted in its place waiting until the step ends (the running step cannot need it: it was scheduled before).
+
 Limits: one scheduler and one worker per table (tensor_parallel_size 1); the scheduler's accounting runs ahead of the
-worker's mappings by the follower's poll interval.
+worker's mappings by the follower's poll interval (the worker's memory lags, never leads). The snapshot relies on
+stores reaching other processes in order (x86-64's memory model).
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -31,10 +43,10 @@ from .vmm import VirtualMemory
 from .vmm.probe import device_memory
 
 _MAGIC = b"KVCPAGE1"
-_HEADER = struct.Struct("<8sIIQQI")  # magic, version, num_pages, page_bytes, change counter, meta length
+_VERSION = 2
+_HEADER = struct.Struct("<8sIIQQ")  # magic, version, num_pages, page_bytes, change counter
 _COUNTER_AT = 24
-_META_AT = 64
-_META_MAX = 4096
+_WANTED_AT = 64
 POLL_S = 0.005
 
 
@@ -43,25 +55,24 @@ class PageTable:
 
     def __init__(self, path: str, fd: int, owner: bool) -> None:
         self.path, self._owner = path, owner
-        size = os.fstat(fd).st_size
-        self._mm = mmap.mmap(fd, size)
-        os.close(fd)
-        magic, version, self.num_pages, self.page_bytes, _, meta_len = _HEADER.unpack_from(self._mm, 0)
-        if magic != _MAGIC or version != 1:
-            raise KVCachedError(f"{path} is not a kvcached page table")
-        self.meta: dict = json.loads(bytes(self._mm[_META_AT : _META_AT + meta_len]))
-        self.wanted = np.frombuffer(self._mm, dtype=np.uint8, count=self.num_pages, offset=_META_AT + _META_MAX)
+        try:
+            size = os.fstat(fd).st_size
+            header = os.pread(fd, _HEADER.size, 0)
+            magic, version, self.num_pages, self.page_bytes, _ = (
+                _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0, 0, 0))
+            if magic != _MAGIC or version != _VERSION or size != _WANTED_AT + self.num_pages:
+                raise KVCachedError(f"{path} is not a kvcached page table (version {_VERSION})")
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.wanted = np.frombuffer(self._mm, dtype=np.uint8, count=self.num_pages, offset=_WANTED_AT)
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, path: str, num_pages: int, page_bytes: int, meta: dict) -> "PageTable":
-        encoded = json.dumps(meta).encode()
-        if len(encoded) > _META_MAX:
-            raise ValueError(f"page table metadata is {len(encoded)} bytes, more than {_META_MAX}")
+    def create(cls, path: str, num_pages: int, page_bytes: int) -> "PageTable":
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.ftruncate(fd, _META_AT + _META_MAX + num_pages)
-        os.pwrite(fd, _HEADER.pack(_MAGIC, 1, num_pages, page_bytes, 0, len(encoded)), 0)
-        os.pwrite(fd, encoded, _META_AT)
+        os.ftruncate(fd, _WANTED_AT + num_pages)
+        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, num_pages, page_bytes, 0), 0)
         return cls(path, fd, owner=True)
 
     @classmethod
@@ -75,6 +86,16 @@ class PageTable:
     @property
     def changes(self) -> int:
         return struct.unpack_from("<Q", self._mm, _COUNTER_AT)[0]
+
+    def snapshot(self) -> np.ndarray:
+        """The wanted bytes as they were at one moment (see the Note): a copy taken between two equal readings of
+        the change counter. The writer stores a byte before it bumps the counter, so an equal pair means the copy
+        saw every change before the first reading and at most the one change in progress: a state the table was in."""
+        while True:
+            before = self.changes
+            wanted = self.wanted.copy()
+            if self.changes == before:
+                return wanted
 
     def set_wanted(self, page: int, wanted: bool) -> None:
         with self._lock:  # byte first, then the counter: a follower that sees the new count sees the byte
@@ -166,22 +187,25 @@ class PageFollower:
             self._sync(unmap=False)
             return False
         try:
-            self._sync(unmap=True)
-            return True
+            return self._sync(unmap=True)
         finally:
             self._step_lock.release()
 
-    def _sync(self, unmap: bool) -> None:
-        """Unmap first, then map: memory never exceeds what the table wants plus what a running step still holds."""
+    def _sync(self, unmap: bool) -> bool:
+        """Unmap (when allowed) what the table no longer wants, then map what it wants, never holding more pages
+        than it wants (see the Note). Returns whether the mappings now match the table."""
         size = self.table.page_bytes
         with self._map_lock:
+            wanted = self.table.snapshot()
             if unmap:
-                for page in np.flatnonzero(self.table.wanted < self.mapped).tolist():
+                for page in np.flatnonzero(wanted < self.mapped).tolist():
                     self._vmm.unmap(self._base + page * size, size)
                     self.mapped[page] = 0
-            for page in np.flatnonzero(self.table.wanted > self.mapped).tolist():
+            room = int(np.count_nonzero(wanted)) - int(np.count_nonzero(self.mapped))
+            for page in np.flatnonzero(wanted > self.mapped)[: max(0, room)].tolist():
                 self._vmm.map(self._base + page * size, size)
                 self.mapped[page] = 1
+            return bool(np.array_equal(wanted, self.mapped))
 
     def mapped_bytes(self) -> int:
         return int(self.mapped.sum()) * self.table.page_bytes

@@ -1,10 +1,12 @@
 """Child process for test_pagetable: follows a page table with real host memory, answers on stdin/stdout.
 
 Arguments: the table's path and the device. Commands: "mapped" -> bytes mapped by the follower, and bytes the OS
-holds in the reservation (host: from smaps; GPU: the driver's used memory); "hold" / "release" -> start and end a step
-(no unmapping meanwhile); "quit".
+holds in the reservation (host: from smaps; GPU: the driver's used memory); "pages" -> the pages mapped, as JSON;
+"sync" -> one pass of the follower thread's work, done now ("True" when the mappings match the table); "hold" /
+"release" -> start and end a step (no unmapping meanwhile); "quit".
 """
 
+import json
 import sys
 
 from kvcached.pagetable import PageFollower, PageTable
@@ -35,6 +37,10 @@ if __name__ == "__main__":
         if command == "mapped":
             held = resident_bytes(base, size) if vmm.device == "cpu" else vmm.total_memory() - vmm.free_memory()
             print(follower.mapped_bytes(), held, flush=True)
+        elif command == "pages":
+            print(json.dumps(follower.mapped.nonzero()[0].tolist()), flush=True)
+        elif command == "sync":
+            print(follower.sync(), flush=True)
         elif command == "hold":
             follower.before_step()
             print("held", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from kvcached import KVCacheManager
+from kvcached.errors import KVCachedError
 from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
@@ -28,6 +30,9 @@ class Child:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
         return self.proc.stdout.readline().strip()
+
+    def pages(self) -> list[int]:
+        return json.loads(self.ask("pages"))
 
     def mapped(self) -> tuple[int, int]:
         mapped, resident = self.ask("mapped").split()
@@ -51,22 +56,29 @@ def settle(child: Child, expected: int, timeout: float = 1.0) -> float:
 
 
 @pytest.fixture
-def shared(tmp_path, device):
-    """A manager deciding through a page table, and a child process mapping real memory (of `device`) after it."""
+def followed(tmp_path, device):
+    """A page table of 16 pages, and a child process mapping real memory (of `device`) as it says."""
     path = f"/dev/shm/kvcached-test-pages.{os.getpid()}.{tmp_path.name}"
-    table = PageTable.create(path, 16, PAGE, meta={"test": True})
-    vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
+    table = PageTable.create(path, 16, PAGE)
     try:
         child = Child(path, device)
         child.base_held, child.slack = (0, 0) if device == "cpu" else (child.mapped()[1], 8 << 20)
     finally:
         table.unlink()  # both have it mapped (or the child failed): nothing stays in /dev/shm
-    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, register=False, config=quiet_config())
-    yield manager, child
-    manager.shutdown()
+    yield table, child
     child.close()
     table.close()
     assert not os.path.exists(path)
+
+
+@pytest.fixture
+def shared(followed, device):
+    """A manager deciding through the page table, and the child mapping after it."""
+    table, child = followed
+    vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
+    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, register=False, config=quiet_config())
+    yield manager, child
+    manager.shutdown()
 
 
 def test_the_child_maps_what_the_manager_allocates_and_unmaps_what_it_frees(shared):
@@ -99,9 +111,26 @@ def test_a_step_maps_what_it_needs_before_it_runs(shared):
     child.ask("release")
 
 
+def test_while_a_step_holds_a_released_page_the_page_wanted_in_its_place_waits(followed):
+    table, child = followed
+    table.set_wanted(1, True)
+    settle(child, PAGE)
+    assert child.ask("hold") == "held"
+    table.set_wanted(1, False)  # the scheduler released page 1 and wants page 2 in its place
+    table.set_wanted(2, True)
+    assert child.ask("sync") == "False"  # the follower thread's pass: page 1 waits for the step, so page 2 waits too
+    assert child.pages() == [1]
+    settle(child, PAGE, timeout=0)  # one page held, as the table wants: never two
+    assert child.ask("release") == "released"
+    assert child.ask("sync") == "True"
+    assert child.pages() == [2]
+    settle(child, PAGE, timeout=0)
+
+
 def test_the_deciding_side_has_no_tensors(shared):
     manager, _ = shared
-    with pytest.raises(Exception, match="no KV tensors"):
+    with pytest.raises(KVCachedError, match="^the scheduler's side of a page table has no KV tensors: they live in "
+                                            "the worker$"):
         manager.kv_tensors
 
 
@@ -118,8 +147,21 @@ def test_gpu_memory_figures_come_from_nvml_without_a_context():
     assert granularity_of("cuda:0") == 2 << 20
 
 
-def test_a_table_of_another_user_or_format_is_refused(tmp_path):
-    path = tmp_path / "not-a-table"
-    path.write_bytes(b"x" * 8192)
-    with pytest.raises(Exception, match="not a kvcached page table"):
-        PageTable.attach(str(path))
+def test_a_file_that_is_not_a_page_table_is_refused(tmp_path):
+    for content in (b"", b"x" * 8192):
+        path = tmp_path / f"not-a-table-{len(content)}"
+        path.write_bytes(content)
+        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 2\\)$"):
+            PageTable.attach(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (os.chown)")
+def test_a_table_of_another_user_is_refused(tmp_path):
+    path = str(tmp_path / "pages")
+    table = PageTable.create(path, 4, PAGE)
+    try:
+        os.chown(path, 65534, 65534)  # nobody
+        with pytest.raises(KVCachedError, match=f"^{path} belongs to another user; refusing to use it$"):
+            PageTable.attach(path)
+    finally:
+        table.close()

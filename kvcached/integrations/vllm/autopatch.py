@@ -59,10 +59,11 @@ def _patch_engine_core(module: ModuleType) -> None:
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
         if getattr(vllm_config.scheduler_config, "async_scheduling", False):
             raise RuntimeError("kvcached does not support async scheduling yet: start vLLM without --async-scheduling")
-        plan = planning.make_plan(vllm_config, kv_cache_specs, Config.from_env())
+        config = Config.from_env()
+        plan = planning.make_plan(vllm_config, kv_cache_specs, config)
         layout = plan.layout()
-        planning.remove_stale_tables()
-        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes, meta={"ipc_name": plan.ipc_name})
+        planning.remove_stale_tables(config.ipc_dir)
+        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes)
         planning.keep_table(table)
         table.set_wanted(0, True)  # the null block's page: mapped before the first step can point at it
         configs = original(vllm_config, kv_cache_specs, [planning.usable_bytes(plan)] * len(available_memory))

@@ -4,8 +4,10 @@ Note: vLLM's pool is a fixed array of blocks and a free queue; here every block 
 KVCacheManager whose pages are marked in the page table that the worker follows (kvcached/pagetable.py). A block freed
 without a prefix-cache hash goes back at once; a freed block with a hash stays cached (its memory kept) until it is
 reused, evicted to make room, or evicted because cached blocks exceed KVCACHED_MAX_CACHED_TOKENS (default: one page of
-tokens). Eviction for memory picks pages held only by cached blocks, least recently used first, so whole pages empty
-out. When no block is in use any more, the reserve of premapped pages is given back at once.
+tokens). Both evictions take the blocks of pages that only cached blocks hold first (least recently used page first),
+then the least recently used of the rest: a page empties whole and goes back to the device, where evicting by age
+alone would leave a cached block or two pinning each of many pages. When no block is in use any more, the reserve of
+premapped pages is given back at once.
 `get_num_free_blocks()` is what the manager can still hand out plus the cached blocks: vLLM checks it before every
 allocation and waits or preempts when it is short, as with its own pool. The limit cannot change between that check and
 the allocation: the scheduler holds the manager's limit lock across each step (see autopatch.py).
@@ -91,7 +93,7 @@ class ElasticBlockPool(BlockPool):
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
         ids = self.kv.alloc(num_blocks)
         if ids is None and self._cached:
-            self._evict(self._lru(num_blocks - self.kv.available_size()))
+            self._evict(self._eviction_order(num_blocks - self.kv.available_size()))
             ids = self.kv.alloc(num_blocks)
         if ids is None:  # another process took memory since vLLM counted: exceed the utilization cap this once
             logger.warning("kvcached: the device's free memory fell during a step; allocating %d blocks above the "
@@ -186,15 +188,12 @@ class ElasticBlockPool(BlockPool):
         if blocks:
             self.kv.free([block.block_id for block in blocks])
 
-    def _lru(self, count: int) -> list[KVCacheBlock]:
-        return list(self._cached.values())[: max(0, count)]
-
     def _bound_cache(self) -> None:
         """Keep at most `max_cached_blocks` cached blocks, on at most as many pages as they fill, so the memory
         that an idle engine keeps for its prefix cache is bounded too, not only the block count."""
         excess = len(self._cached) - self.max_cached_blocks
         if excess > 0:
-            self._evict(self._emptiest_pages_first(excess))
+            self._evict(self._eviction_order(excess))
         pages = self._cache_only_pages()
         allowed = -(-self.max_cached_blocks // self.kv.layout.blocks_per_page)
         if len(pages) > allowed:
@@ -210,7 +209,7 @@ class ElasticBlockPool(BlockPool):
             by_page[page] = by_page.pop(page)
         return [blocks for page, blocks in by_page.items() if self.kv.page_fill(page) == len(blocks)]
 
-    def _emptiest_pages_first(self, count: int) -> list[KVCacheBlock]:
+    def _eviction_order(self, count: int) -> list[KVCacheBlock]:
         """`count` cached blocks: from pages only cached blocks hold first, least recently used first (evicting them
         unmaps whole pages), then the least recently used of the rest."""
         chosen = [block for blocks in self._cache_only_pages() for block in blocks][:count]

@@ -20,8 +20,9 @@ from typing import Any, Optional
 import torch
 
 from ...config import Config
-from ...errors import ConfigError, KVCachedError
+from ...errors import KVCachedError
 from ...layout import KVGeometry, KVLayout, piece_page_bytes
+from ...shm_segment import start_ticks
 from ...vmm.probe import device_memory, granularity_of
 
 _ATTR = "kvcached_plan"
@@ -42,8 +43,7 @@ class ElasticPlan:
     ipc_name: str
 
     def layout(self) -> KVLayout:
-        geometry = KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
-        return KVLayout(geometry, self.piece_page_bytes, self.granularity, self.virtual_bytes)
+        return KVLayout(self.geometry(), self.piece_page_bytes, self.granularity, self.virtual_bytes)
 
     def geometry(self) -> KVGeometry:
         return KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
@@ -101,7 +101,7 @@ def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> E
         piece_page_bytes=piece,
         granularity=granularity,
         virtual_bytes=config.virtual_size or device_memory(device)[1],
-        table_path=f"/dev/shm/kvcached-pages.{name}.{os.getpid()}",
+        table_path=page_table_path(config.ipc_dir, name),
         ipc_name=name,
     )
     plan.layout()  # raises ConfigError now for a geometry that cannot work
@@ -154,15 +154,29 @@ def take_table():
     return table
 
 
-def remove_stale_tables() -> None:
-    """Remove page tables of this user's engine cores that died without cleaning up (kill -9)."""
-    for path in glob.glob("/dev/shm/kvcached-pages.*"):
+_TABLE_PREFIX = "kvcached-pages."
+
+
+def page_table_path(ipc_dir: str, name: str) -> str:
+    """<KVCACHED_IPC_DIR>/kvcached-pages.<name>.<pid>.<start ticks>: the engine core that made it, exactly (a pid
+    alone is reused by the kernel once the process exits)."""
+    pid = os.getpid()
+    return os.path.join(ipc_dir, f"{_TABLE_PREFIX}{name}.{pid}.{start_ticks(pid)}")
+
+
+def remove_stale_tables(ipc_dir: str) -> list[str]:
+    """Remove page tables of this user's engine cores that died before their worker attached (kill -9 at start-up);
+    returns the paths removed."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(ipc_dir), _TABLE_PREFIX + "*")):
         try:
-            pid = int(path.rsplit(".", 1)[1])
-            if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{pid}"):
+            pid, ticks = (int(part) for part in path.rsplit(".", 2)[1:])
+            if os.stat(path).st_uid == os.geteuid() and start_ticks(pid) != ticks:
                 os.unlink(path)
+                removed.append(path)
         except (ValueError, OSError):
             continue
+    return removed
 
 
 def default_ipc_name(vllm_config: Any) -> str:
@@ -175,4 +189,3 @@ def default_ipc_name(vllm_config: Any) -> str:
     return f"vllm-{model}-{os.getpid()}"
 
 
-__all__ = ["ElasticPlan", "ConfigError", "current_plan", "make_plan", "plan_of", "rewrite_configs", "usable_bytes"]

@@ -37,11 +37,7 @@ class WorkerKV:
         self.table.close()
 
 
-_worker_kv: Optional[WorkerKV] = None
-
-
-def worker_kv() -> Optional[WorkerKV]:
-    return _worker_kv
+_worker_kv: Optional[WorkerKV] = None  # this worker process's KV, for the step hook
 
 
 def allocate_kv_cache(kv_cache_config: Any, device: torch.device, layout: Any, kernel_block_sizes=None) -> dict:

@@ -26,13 +26,13 @@ def run() -> None:
     if _RAN or not (_flag("ENABLE_KVCACHED") and _flag("KVCACHED_AUTOPATCH")):
         return
     _RAN = True
-    from .integrations import importhook
+    from . import importhook
 
     try:
-        from .config import Config
+        from ..config import Config
 
         Config.from_env()  # a bad variable stops the engine with its message
-        from .integrations.vllm import autopatch
+        from .vllm import autopatch
 
         autopatch.install()
         ACTIVE = True
