@@ -3,10 +3,15 @@
 Arguments: the table's path and the device. Commands: "mapped" -> bytes mapped by the follower, and bytes the OS
 holds in the reservation (host: from smaps; GPU: the driver's used memory); "pages" -> the pages mapped, as JSON;
 "sync" -> one pass of the follower thread's work, done now ("True" when the mappings match the table); "hold" /
-"release" -> start and end a step (no unmapping meanwhile); "quit".
+"release" -> start and end a step (no unmapping meanwhile); "oom on" / "oom off" -> make every new mapping fail with
+ENOMEM, a real out-of-memory error of the OS (RLIMIT_DATA just below what the process holds), and back; "quit".
 """
 
 import json
+import os
+import re
+import resource
+import subprocess
 import sys
 
 from kvcached.pagetable import PageFollower, PageTable
@@ -23,6 +28,39 @@ def resident_bytes(base: int, size: int) -> int:
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+class Child:
+    """The test's handle on this script run as a child process."""
+
+    def __init__(self, path: str, device: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), path, device],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.ask(None) == "ready"
+
+    def ask(self, command):
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def pages(self) -> list[int]:
+        return json.loads(self.ask("pages"))
+
+    def mapped(self) -> tuple[int, int]:
+        mapped, resident = self.ask("mapped").split()
+        return int(mapped), int(resident)
+
+    def close(self) -> None:
+        self.ask("quit")
+        self.proc.wait(timeout=10)
+
+
+def out_of_memory(on: bool) -> None:
+    with open("/proc/self/status") as f:
+        held = int(re.search(r"VmData:\s+(\d+) kB", f.read()).group(1)) * 1024
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (held - (1 << 20) if on else hard, hard))
 
 
 if __name__ == "__main__":
@@ -47,6 +85,9 @@ if __name__ == "__main__":
         elif command == "release":
             follower.after_step()
             print("released", flush=True)
+        elif command in ("oom on", "oom off"):
+            out_of_memory(command == "oom on")
+            print(command, flush=True)
         elif command == "quit":
             follower.close()
             break

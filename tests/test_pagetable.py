@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,32 +12,8 @@ from kvcached.errors import KVCachedError
 from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Child:
-    def __init__(self, path: str, device: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pagetable_child.py"), path, device],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.ask(None) == "ready"
-
-    def ask(self, command):
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def pages(self) -> list[int]:
-        return json.loads(self.ask("pages"))
-
-    def mapped(self) -> tuple[int, int]:
-        mapped, resident = self.ask("mapped").split()
-        return int(mapped), int(resident)
-
-    def close(self) -> None:
-        self.ask("quit")
-        self.proc.wait(timeout=10)
+from pagetable_child import Child
+from registry_helpers import wait_until
 
 
 def settle(child: Child, expected: int, timeout: float = 1.0) -> float:
@@ -121,10 +94,28 @@ def test_while_a_step_holds_a_released_page_the_page_wanted_in_its_place_waits(f
     assert child.ask("sync") == "False"  # the follower thread's pass: page 1 waits for the step, so page 2 waits too
     assert child.pages() == [1]
     settle(child, PAGE, timeout=0)  # one page held, as the table wants: never two
-    assert child.ask("release") == "released"
-    assert child.ask("sync") == "True"
-    assert child.pages() == [2]
+    assert child.ask("release") == "released"  # the follower thread now unmaps page 1, then maps page 2
+    assert wait_until(lambda: child.pages() == [2])
     settle(child, PAGE, timeout=0)
+
+
+@pytest.mark.parametrize("device", ["cpu"])  # the OS's out-of-memory error: RLIMIT_DATA bounds host mappings only
+def test_pages_the_worker_cannot_map_are_answered_failed_and_it_goes_on(followed):
+    table, child = followed
+    vmm = TableVirtualMemory(table, "cpu", 4096)
+    vmm.map(1 * PAGE, PAGE)
+    assert vmm.settle() == [] and child.pages() == [1]
+    assert child.ask("oom on") == "oom on"
+    vmm.map(2 * PAGE, PAGE)
+    vmm.map(3 * PAGE, PAGE)
+    assert vmm.settle() == [2, 3]  # answered: the scheduler's side never waits for, nor promises, these
+    assert child.pages() == [1]
+    vmm.unmap(2 * PAGE, PAGE)
+    vmm.unmap(3 * PAGE, PAGE)
+    assert child.ask("oom off") == "oom off"
+    vmm.map(2 * PAGE, PAGE)
+    assert vmm.settle() == [] and child.pages() == [1, 2]
+    settle(child, 2 * PAGE, timeout=0)
 
 
 def test_the_deciding_side_has_no_tensors(shared):
@@ -151,7 +142,7 @@ def test_a_file_that_is_not_a_page_table_is_refused(tmp_path):
     for content in (b"", b"x" * 8192):
         path = tmp_path / f"not-a-table-{len(content)}"
         path.write_bytes(content)
-        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 2\\)$"):
+        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 3\\)$"):
             PageTable.attach(str(path))
 
 

@@ -1,8 +1,9 @@
 """The vLLM integration's parts that need no running engine: the elastic block pool over vLLM's own block classes
 (imported from vLLM's CPU build), and the engine core's page-table files.
 
-The pool runs on a real KVCacheManager deciding through a real page table; block ids are exact: 2 layers, blocks of
-4 KiB per layer, pages of 4 blocks (16 KiB per layer), so page p holds ids 8p..8p+3 (layout.py: sparse ids).
+The pool runs on a real KVCacheManager deciding through a real page table, followed by a real PageFollower mapping
+host memory (the worker's side, here in-process); block ids are exact: 2 layers, blocks of 4 KiB per layer, pages of
+4 blocks (16 KiB per layer), so page p holds ids 8p..8p+3 (layout.py: sparse ids).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
 
 from kvcached.integrations.vllm import plan as planning  # noqa: E402
 from kvcached.integrations.vllm.block_pool import ElasticBlockPool  # noqa: E402
-from kvcached.pagetable import PageTable  # noqa: E402
+from kvcached.pagetable import PageFollower, PageTable  # noqa: E402
+from kvcached.vmm import open_vmm  # noqa: E402
+from pagetable_child import Child  # noqa: E402
 from kvcached.shm_segment import start_ticks  # noqa: E402
 
 PAGE = 2 * 4 * 4096  # 2 layers x 4 blocks x 4 KiB
 
 
-@pytest.fixture
-def pool(tmp_path, monkeypatch):
-    """An elastic pool limited to 3 pages (page 0 holds the null block), no reserve, prefix caching on."""
+def make_pool(tmp_path, monkeypatch, follow):
+    """An elastic pool limited to 3 pages (page 0 holds the null block), no reserve, prefix caching on; `follow(path)`
+    starts the worker's side on the page table and returns what stops it."""
     for key in [k for k in os.environ if k.startswith("KVCACHED_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("KVCACHED_IPC_DIR", str(tmp_path))
@@ -41,11 +44,26 @@ def pool(tmp_path, monkeypatch):
         virtual_bytes=8 * PAGE, table_path=str(tmp_path / "pages"), ipc_name="pool-test",
     )
     table = PageTable.create(plan.table_path, plan.layout().num_pages, PAGE)
+    stop = follow(plan.table_path)
     monkeypatch.setattr(planning, "_current", plan)
     monkeypatch.setattr(planning, "_tables", [table])
-    made = ElasticBlockPool(plan.layout().num_block_ids, True, 16)
+    return ElasticBlockPool(plan.layout().num_block_ids, True, 16), stop
+
+
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    """The pool, followed by a PageFollower in this process."""
+    vmm = open_vmm("cpu")
+
+    def follow(path: str):
+        base = vmm.reserve(8 * PAGE)
+        follower = PageFollower(PageTable.attach(path), vmm, base)
+        return lambda: (follower.close(), vmm.unreserve(base, 8 * PAGE))
+
+    made, stop = make_pool(tmp_path, monkeypatch, follow)
     yield made
     made.shutdown()
+    stop()
 
 
 def cache(pool: ElasticBlockPool, blocks) -> None:
@@ -70,7 +88,10 @@ def test_a_full_pool_evicts_the_cached_blocks_of_a_cache_only_page_before_older_
     cache(pool, third)  # page 2: only cached blocks
     assert pool.get_num_free_blocks() == 6 and pool.kv.available_size() == 0  # the limit: 3 pages, all mapped
 
-    taken = pool.get_new_blocks(4)
+    with pool.step():  # as vLLM's scheduler: says what it needs, checks, takes
+        pool.expect(4)
+        assert pool.get_num_free_blocks() == 6  # no new memory: the cached blocks make up the count
+        taken = pool.get_new_blocks(4)
     # Evicting by age would take 2, 3, 16, 17 and leave 18 and 19 pinning page 2; the whole of page 2 goes instead.
     assert [b.block_id for b in taken] == [16, 17, 18, 19]
     assert sorted(pool._cached) == [2, 3] and is_cached(pool, 2) and is_cached(pool, 3)
@@ -79,6 +100,32 @@ def test_a_full_pool_evicts_the_cached_blocks_of_a_cache_only_page_before_older_
     pool.free_blocks(taken + second + first[:1])  # no hashes: back to the manager at once
     # Idle: page 0 (the null block and the two cached blocks) is all that stays mapped.
     assert pool.kv.memory_stats().used_bytes == PAGE and pool.kv.memory_stats().premapped_bytes == 0
+
+
+def test_a_pool_whose_worker_is_out_of_memory_promises_nothing_and_raises_nothing(tmp_path, monkeypatch):
+    children = []
+
+    def follow(path: str):
+        children.append(Child(path, "cpu"))
+        return children[0].close
+
+    pool, stop = make_pool(tmp_path, monkeypatch, follow)
+    worker = children[0]
+    try:
+        assert worker.ask("oom on") == "oom on"  # the OS refuses every new mapping (another engine took the memory)
+        with pool.step():  # what vLLM's scheduler does for one request needing 4 blocks: 3 on page 0, 1 on page 1
+            pool.expect(4)
+            assert pool.get_num_free_blocks() == 0  # nothing promised: vLLM waits, as with a full pool
+        assert pool.kv.memory_stats().used_bytes == PAGE and worker.pages() == [0]  # page 1 went back
+        assert worker.ask("oom off") == "oom off"
+        with pool.step():
+            pool.expect(4)
+            assert pool.get_num_free_blocks() == 4
+            assert [b.block_id for b in pool.get_new_blocks(4)] == [1, 2, 3, 8]
+        assert worker.pages() == [0, 1]
+    finally:
+        pool.shutdown()
+        stop()
 
 
 def test_stale_page_tables_are_removed_by_pid_and_start_time(tmp_path):
