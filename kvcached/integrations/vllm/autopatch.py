@@ -9,6 +9,7 @@ Note: each patch replaces one function or class that vLLM looks up by name at ca
                                                             limit lock and promises only mapped blocks (block_pool.py)
   worker       the KV allocation (versions.py: vllm.v1.worker.gpu_model_runner.allocate_kv_cache or
                GPUModelRunner._allocate_kv_cache_tensors)   KV tensors over the reservation
+               GPUModelRunner.initialize_kv_cache_tensors   check the views: blocks first, one block contiguous
                GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step
                CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
                vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
@@ -126,13 +127,20 @@ def _patch_model_runner(module: ModuleType) -> None:
         module.GPUModelRunner._allocate_kv_cache_tensors = worker.allocate_kv_cache_per_layer
     else:
         module.allocate_kv_cache = worker.allocate_kv_cache
-    original = module.GPUModelRunner.execute_model
+    original, initialize = module.GPUModelRunner.execute_model, module.GPUModelRunner.initialize_kv_cache_tensors
 
     @functools.wraps(original)
     def execute_model(self, *args, **kwargs):
         return worker.run_step(original, self, *args, **kwargs)
 
+    @functools.wraps(initialize)
+    def initialize_kv_cache_tensors(self, *args, **kwargs):
+        kv_caches = initialize(self, *args, **kwargs)
+        worker.check_blocks_first(kv_caches)
+        return kv_caches
+
     module.GPUModelRunner.execute_model = execute_model
+    module.GPUModelRunner.initialize_kv_cache_tensors = initialize_kv_cache_tensors
 
 
 def _patch_gpu_worker(module: ModuleType) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...errors import KVCachedError
 from ...pagetable import PageFollower, PageTable
 from ...vmm import VirtualMemory, open_vmm
 from .plan import ElasticPlan, plan_of
@@ -87,6 +88,26 @@ def allocate_kv_cache_per_layer(runner: Any, kv_cache_config: Any) -> dict[str, 
     layout = kv.plan.layout()
     return {t.shared_by[0]: layout.piece_view(kv.raw, layer).view(-1)
             for layer, t in enumerate(kv_cache_config.kv_cache_tensors)}
+
+
+def check_blocks_first(kv_caches: dict) -> None:
+    """Refuse KV views whose blocks are not each one contiguous piece of a layer's slice (a backend that puts K and V
+    apart, say): their pages would not be the pages kvcached maps."""
+    kv = _worker_kv
+    if kv is None:
+        return
+    ids = kv.plan.layout().num_block_ids
+    span = ids * kv.plan.block_bytes
+    for name, tensor in kv_caches.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise KVCachedError(f"kvcached supports attention KV caches only; layer {name} has {type(tensor).__name__}")
+        block = tensor.stride(0) * tensor.element_size()
+        # Dimension 0 is the blocks (vLLM may split a block into kernel blocks), each `block` bytes, the outermost.
+        if tensor.shape[0] % ids or block * tensor.shape[0] != span or tensor.stride(0) != max(tensor.stride()):
+            raise KVCachedError(
+                f"kvcached needs each layer's KV cache blocks first, one block contiguous; layer {name} has shape "
+                f"{tuple(tensor.shape)} and strides {tensor.stride()} (choose another attention backend, or unset "
+                f"ENABLE_KVCACHED)")
 
 
 def run_step(execute_model, self, *args, **kwargs):
