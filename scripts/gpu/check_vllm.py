@@ -83,31 +83,30 @@ class Gpu:
                 "processes": {str(p.pid): int(p.usedGpuMemory or 0) for p in procs}}
 
 
-class Sampler:
-    """NVML snapshots every `period_s` in a thread; `peak()` is the largest figure per process and for the device."""
+def sampled(gpu: Gpu, work, period_s: float = 0.1):
+    """Run work() while NVML is read every `period_s`; returns its result and the snapshots."""
+    samples, stop = [], threading.Event()
 
-    def __init__(self, gpu: Gpu, period_s: float = 0.1) -> None:
-        self.gpu, self.period_s, self.samples, self._stop = gpu, period_s, [], threading.Event()
+    def sample() -> None:
+        while not stop.wait(period_s):
+            samples.append({"t": round(time.monotonic() - START, 2), **gpu.snapshot()})
 
-    def __enter__(self) -> "Sampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        return work(), samples
+    finally:
+        stop.set()
+        thread.join()
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.samples.append({"t": round(time.monotonic() - START, 2), **self.gpu.snapshot()})
-
-    def peak(self) -> dict:
-        processes: dict[str, int] = {}
-        for sample in self.samples:
-            for pid, used in sample["processes"].items():
-                processes[pid] = max(processes.get(pid, 0), used)
-        return {"used": max((s["used"] for s in self.samples), default=0), "processes": processes}
+def peak(samples: list[dict]) -> dict:
+    """The largest figure seen per process and for the device."""
+    processes: dict[str, int] = {}
+    for sample in samples:
+        for pid, used in sample["processes"].items():
+            processes[pid] = max(processes.get(pid, 0), used)
+    return {"used": max((s["used"] for s in samples), default=0), "processes": processes}
 
 
 # ---- offline LLM ------------------------------------------------------------------------------------------------------
@@ -239,14 +238,13 @@ def part_server(gpu: Gpu) -> dict:
             pids, idle = server.pids(), gpu.snapshot()
             tokens = [server.complete(p, 32)["choices"][0]["token_ids"] for p in PROMPTS]
             log(f"{name}: ready in {ready_s:.0f} s, idle {of(idle, pids, baseline) >> 20} MiB; burst of 64 requests")
-            with Sampler(gpu) as sampler:
-                done = burst(server, 64, 1500, 128)
+            done, samples = sampled(gpu, lambda: burst(server, 64, 1500, 128))
             time.sleep(3)  # kvcached gives the reserve back after KVCACHED_TRIM_IDLE_S (1 s) without allocations
             after = gpu.snapshot()
             result[name] = {"ready_s": ready_s, "tokens": tokens, "burst_completion_tokens": done,
-                            "memory": {"idle": of(idle, pids, baseline), "peak": of(sampler.peak(), pids, baseline),
+                            "memory": {"idle": of(idle, pids, baseline), "peak": of(peak(samples), pids, baseline),
                                        "after": of(after, pids, baseline), "device_idle": idle["used"],
-                                       "device_peak": sampler.peak()["used"], "device_after": after["used"]},
+                                       "device_peak": peak(samples)["used"], "device_after": after["used"]},
                             "errors_in_log": errors(server.log_path)}
             log(f"{name}: memory MiB idle/peak/after {[v >> 20 for v in list(result[name]['memory'].values())[:3]]}")
         finally:
@@ -277,8 +275,9 @@ def part_race(gpu: Gpu) -> dict:
         idle = gpu.snapshot()
         demand = 2 * requests * (words + max_tokens) * per_token
         log(f"ready in {ready}; bursts on both at once")
-        with Sampler(gpu, 0.2) as sampler, ThreadPoolExecutor(2) as pool:
-            done = list(pool.map(lambda s: burst(s, requests, words, max_tokens), servers))
+        with ThreadPoolExecutor(2) as pool:
+            done, samples = sampled(gpu, lambda: list(pool.map(lambda s: burst(s, requests, words, max_tokens), servers)),
+                                    0.2)
         time.sleep(3)
         after = gpu.snapshot()
         alive = [s.proc.poll() is None for s in servers]
@@ -286,7 +285,7 @@ def part_race(gpu: Gpu) -> dict:
     finally:
         for s in servers:
             s.stop()
-    peak = sampler.peak()
+    top = peak(samples)
     checks = {
         "both_bursts_complete": all(t == max_tokens for d in done for t in d),
         "both_servers_alive": all(alive),
@@ -295,11 +294,11 @@ def part_race(gpu: Gpu) -> dict:
     }
     return {"checks": checks, "ready_s": ready, "completion_tokens": done, "device_total": gpu.total,
             "kv_demand_bytes": demand, "device_idle": idle["used"], "device_baseline": baseline,
-            "memory": {s.name: {"idle": of(idle, p, baseline), "peak": of(peak, p, baseline),
+            "memory": {s.name: {"idle": of(idle, p, baseline), "peak": of(top, p, baseline),
                                 "after": of(after, p, baseline)} for s, p in zip(servers, pids)},
-            "device_peak": peak["used"],
+            "device_peak": top["used"],
             "pages_not_mapped_warnings": [log_text.count("could not be mapped") for log_text in logs],
-            "samples": sampler.samples[::5]}
+            "samples": samples[::5]}
 
 
 def tail(path: str, lines: int) -> str:
