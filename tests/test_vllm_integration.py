@@ -135,12 +135,13 @@ def test_stale_page_tables_are_removed_by_pid_and_start_time(tmp_path):
         "mine": tmp_path / f"kvcached-pages.model.{me}.{my_ticks}",  # this live process: kept
         "reused pid": tmp_path / f"kvcached-pages.model.{me}.{my_ticks - 1}",  # same pid, another process: removed
         "dead": tmp_path / f"kvcached-pages.a.b.{int(dead.stdout)}.{my_ticks}",  # exited: removed
+        "dead's FIFO": tmp_path / f"kvcached-pages.a.b.{int(dead.stdout)}.{my_ticks}.wake",  # removed with it
         "other file": tmp_path / "kvcached.model",  # a registry segment: not a page table, kept
     }
     for path in paths.values():
         path.write_bytes(b"")
     removed = planning.remove_stale_tables(str(tmp_path))
-    assert sorted(removed) == sorted(str(paths[k]) for k in ("reused pid", "dead"))
+    assert sorted(removed) == sorted(str(paths[k]) for k in ("reused pid", "dead", "dead's FIFO"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths[k].name for k in ("mine", "other file"))
 
 

@@ -179,12 +179,12 @@ def page_table_path(ipc_dir: str, name: str) -> str:
 
 
 def remove_stale_tables(ipc_dir: str) -> list[str]:
-    """Remove page tables of this user's engine cores that died before their worker attached (kill -9 at start-up);
-    returns the paths removed."""
+    """Remove page tables (and their wake FIFOs) of this user's engine cores that died before their worker attached
+    (kill -9 at start-up); returns the paths removed."""
     removed = []
     for path in glob.glob(os.path.join(glob.escape(ipc_dir), _TABLE_PREFIX + "*")):
         try:
-            pid, ticks = (int(part) for part in path.rsplit(".", 2)[1:])
+            pid, ticks = (int(part) for part in path.removesuffix(".wake").rsplit(".", 2)[1:])
             if os.stat(path).st_uid == os.geteuid() and start_ticks(pid) != ticks:
                 os.unlink(path)
                 removed.append(path)
