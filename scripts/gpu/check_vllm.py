@@ -35,7 +35,8 @@ PROMPTS = [
 MAKE_MODEL = "/tmp/vc/vllm_gpu_model.py"
 SMALL = ["--layers", "4"]
 LARGE = ["--layers", "32", "--hidden", "4096", "--heads", "32", "--kv-heads", "8"]
-ERRORS = ("out of memory", "CUDA error", "Traceback (most recent call last)", "EngineDeadError")
+ERRORS = ("OutOfMemoryError", "CUDA out of memory", "CUDA_ERROR_OUT_OF_MEMORY", "CUDA error", "Traceback (most recent call last)",
+          "EngineDeadError")
 
 
 def log(message: str) -> None:
