@@ -10,12 +10,32 @@ run's epoch; a "phase" is {"name", "start", "end", "server"}):
   flex           peak - idle.
 A series can be one server's or the sum over several servers (samples of one tick share their time stamp).
 Limits: medians need a few samples: `window_s` should cover >= 5 samples at the sampling rate.
+Numbers are printed with fmt_bytes and fmt_s, so every table of the benchmarks reads alike.
 """
 
 from __future__ import annotations
 
 import statistics
 from typing import Iterable, Optional
+
+
+GIB, MIB = float(1 << 30), float(1 << 20)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    """2.59G, 152M, or "-" when unknown (binary units)."""
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= GIB:
+        return f"{sign}{n / GIB:.2f}G"
+    return f"{sign}{n / MIB:.0f}M"
+
+
+def fmt_s(x: Optional[float]) -> str:
+    """Seconds: 0.97, 13.7, or "-" when unknown."""
+    return "-" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}")
 
 
 def series(samples: list[dict], servers: Iterable[str], key: str) -> list[tuple[float, float]]:

@@ -4,8 +4,8 @@ Runs a Llama-3.1-8B-shaped KV cache (32 layers, K and V, 8 KV heads, head size 1
 given device, prints a table and writes JSON. Targets (H100): growth >= 1 TB/s, alloc/free fast path <= 5 us per call,
 read bandwidth >= 0.98x a plain tensor.
 
-    python benchmarks/bench_core.py --device cuda:0 --out results/
-    python benchmarks/bench_core.py --device cpu --grow-gib 2     # the host backend
+    python -m benchmarks.bench_core --device cuda:0 --out benchmarks/results/
+    python -m benchmarks.bench_core --device cpu --grow-gib 2     # the host backend
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ import json
 import os
 import platform
 import statistics
-import sys
-import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from kvcached import Config, KVCacheManager, KVGeometry  # noqa: E402
+from kvcached import Config, KVCacheManager, KVGeometry
 
 LLAMA_8B = KVGeometry(num_layers=32, block_shape=(16, 8, 128), dtype=torch.bfloat16)
 GB = 1e9
@@ -37,7 +33,7 @@ def synchronize(device: str) -> None:
 def make_manager(device: str, virtual_bytes: int, **config) -> KVCacheManager:
     values = dict(min_reserved_pages=0, max_reserved_pages=0, trim_idle_s=60.0)
     values.update(config)
-    return KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=False, register=False,
+    return KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=False,
                           config=Config(**values))
 
 
@@ -120,7 +116,7 @@ def engine_work(device: str, seconds: float) -> None:
 def mapper_stall(device: str, virtual_bytes: int, pages: int, cycles: int = 4) -> dict:
     """The engine's thread allocs and frees 16 blocks at a time (50 us of GPU work between calls) while the mapper maps
     and unmaps pages behind it, growing to `pages` pages and back `cycles` times. Every call's latency is recorded."""
-    manager = KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=True, register=False,
+    manager = KVCacheManager(LLAMA_8B, device, virtual_bytes=virtual_bytes, background=True,
                              config=Config(min_reserved_pages=2, max_reserved_pages=4, trim_idle_s=60.0))
     try:
         time.sleep(0.2)  # let the mapper fill its first reserve
@@ -192,7 +188,7 @@ def read_bandwidth(manager: KVCacheManager, blocks: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda:N")
     parser.add_argument("--grow-gib", type=float, default=8.0, help="KV memory mapped in the growth test (GiB)")
     parser.add_argument("--read-blocks", type=int, default=4096, help="blocks per piece read in the bandwidth test")

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""vLLM benchmark (issue 4): the same workload with kvcached off and on, output tokens/s, TTFT/ITL, idle/peak KV memory.
+"""vLLM benchmark: the same workload with kvcached off and on, output tokens/s, TTFT/ITL, idle/peak KV memory.
 
 Note (why): kvcached must cost (almost) nothing in throughput and give back (almost) all idle memory. Targets:
 throughput >= 0.97x vanilla; KV memory at idle <= 5% of vanilla's static pool.
@@ -12,10 +11,15 @@ With --repeat N the off/on pair runs N times, alternating, and the median of eac
 KV memory: the baseline's is its static pool (configured; resident from the start: vLLM zero-fills it); kvcached's is
 what its registry reports mapped (used + premapped).
 
+On a GPU both sides run vLLM's defaults (CUDA graphs, async scheduling where vLLM turns it on) unless --enforce-eager;
+the baseline's pool is vLLM's own sizing within --gpu-memory-utilization (default 0.9, vLLM's) unless --static-pool
+is given, and its size is then taken as the baseline's idle GPU memory minus kvcached's (the same engine without KV).
+
 Limits: on 2 cores run-to-run throughput varies by a few percent; use --repeat for the 0.97x target.
 
-    python benchmarks/bench_vllm.py                       # both, defaults
-    python benchmarks/bench_vllm.py --kvcached off        # baseline only
+    python -m benchmarks.bench_vllm                                   # both sides, CPU defaults
+    python -m benchmarks.bench_vllm --kvcached off                    # baseline only
+    python -m benchmarks.bench_vllm --device cuda:0 --model DIR       # on a GPU, CUDA graphs
 """
 
 from __future__ import annotations
@@ -30,17 +34,17 @@ import sys
 import time
 from typing import Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from kvcached.units import parse_size
 
-from analysis import add_kv_mapped, median_in, max_in, series  # noqa: E402
-from loadgen import LoadClient, summarize  # noqa: E402
-from memory import MemorySampler  # noqa: E402
-from report import fmt_bytes, fmt_s  # noqa: E402
-from servers import Server, ServerError, ServerSpec, check_model_dir, check_port_free, install_cleanup  # noqa: E402
+from benchmarks.analysis import add_kv_mapped, fmt_bytes, fmt_s, max_in, median_in, series
+from benchmarks.loadgen import LoadClient, summarize
+from benchmarks.memory import MemorySampler
+from benchmarks.modelinfo import DEFAULT_MODEL
+from benchmarks.servers import (Server, ServerError, ServerSpec, check_model_dir, check_port_free, gpu_index,
+                                install_cleanup)
 
-DEFAULT_MODEL = os.environ.get("KVCACHED_MODEL_DIR") or os.path.join(
-    os.path.expanduser("~"), ".cache", "kvcached", "models", "SmolLM2-135M-Instruct")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 T0 = time.monotonic()
 THROUGHPUT_TARGET = 0.97
 IDLE_TARGET = 0.05
@@ -50,20 +54,20 @@ def log(msg: str) -> None:
     print(f"[bench_vllm {time.monotonic() - T0:5.0f}s] {msg}", flush=True)
 
 
-def parse_size(text: str) -> int:
-    from kvcached.units import parse_size as kv_parse
-
-    return kv_parse(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="local HF model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vllm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local HF model folder (default: $KVCACHED_MODEL_DIR, or SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu); on a GPU memory is NVML's "
+                                                   "per process")
     p.add_argument("--dtype", default="auto", help="vLLM --dtype (default: float32 on CPU, the model's on GPU)")
     p.add_argument("--kvcached", choices=("both", "on", "off"), default="both", help="which side(s) to run")
-    p.add_argument("--static-pool", default="2G", help="--kv-cache-memory-bytes, the baseline's static pool "
-                                                       "(both sides get it; kvcached ignores it) (default 2G)")
+    p.add_argument("--static-pool", default=None,
+                   help="--kv-cache-memory-bytes, the baseline's static pool (both sides get it; kvcached ignores "
+                        "it); default 2G on CPU, vLLM's own sizing on a GPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU only: vLLM's share of the GPU for both sides (default: vLLM's, 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="GPU only: no CUDA graphs (the CPU always runs eager)")
     p.add_argument("--concurrency", type=int, default=8, help="requests per burst (default 8)")
     p.add_argument("--rounds", type=int, default=3, help="bursts, back to back (default 3)")
     p.add_argument("--max-tokens", type=int, default=180, help="output tokens per request (default 180)")
@@ -100,22 +104,23 @@ async def workload(url: str, name: str, args: argparse.Namespace, epoch: float, 
     return results
 
 
-def run_side(kvcached: bool, args: argparse.Namespace, sampler: MemorySampler, out_dir: str, pool: int,
+def run_side(kvcached: bool, args: argparse.Namespace, sampler: MemorySampler, out_dir: str, pool: Optional[int],
              dtype: str, rep: int) -> dict:
     name = f"bench-{'kv' if kvcached else 'vanilla'}"
     extra = ["--dtype", dtype] if dtype != "auto" else []
     env = dict(kv.split("=", 1) for kv in args.kvcached_env) if kvcached else {}
+    gpu = args.device.startswith("cuda")
     spec = ServerSpec(name=name, model=args.model, port=args.port, kvcached=kvcached, kv_cache_bytes=pool,
-                      max_model_len=args.max_model_len, device=args.device, extra_args=extra, extra_env=env,
-                      python=args.python)
+                      max_model_len=args.max_model_len, device=args.device, enforce_eager=args.enforce_eager or not gpu,
+                      gpu_memory_utilization=args.gpu_memory_utilization if gpu else None, extra_args=extra,
+                      extra_env=env, python=args.python)
     server = Server(spec, os.path.join(out_dir, "logs"))
     log(f"[{rep + 1}/{args.repeat}] starting {name} (kvcached {'on' if kvcached else 'off'}); log {server.log_path}")
     server.start()
     try:
         ready = server.wait_ready(args.startup_timeout, progress=log, every_s=15)
-        gpu = args.device.startswith("cuda")
         sampler.watch(name, server.pids, registry_name=name if kvcached else None,
-                      gpu_index=(int(args.device.split(":")[1]) if ":" in args.device else 0) if gpu else None)
+                      gpu_index=gpu_index(args.device) if gpu else None)
         log(f"{name} ready in {ready:.0f}s; workload: {args.rounds} x {args.concurrency} requests x "
             f"{args.max_tokens} tokens")
         phases: list[dict] = []
@@ -130,7 +135,7 @@ def run_side(kvcached: bool, args: argparse.Namespace, sampler: MemorySampler, o
     with sampler._lock:  # noqa: SLF001
         samples = [dict(s) for s in sampler.samples if s["server"] == name and t_start <= s["t"] <= t_end]
     add_kv_mapped(samples)
-    key = "gpu_used" if args.device.startswith("cuda") else "rss"
+    key = "gpu_used" if gpu else "rss"
     idle_p, after_p = phases[0], phases[-1]
     mem = {}
     for k in (key, "kv_mapped", "kv_used"):
@@ -168,14 +173,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "=" not in kv or not kv.startswith("KVCACHED_"):
             print(f"[bench_vllm] ERROR: --kvcached-env takes KVCACHED_NAME=VALUE, got {kv!r}", file=sys.stderr)
             return 2
+    gpu = args.device.startswith("cuda")
+    try:
+        gpu_index(args.device)
+        pool = parse_size(args.static_pool) if args.static_pool else (None if gpu else 2 << 30)
+    except (ServerError, ValueError) as e:
+        print(f"[bench_vllm] ERROR: {e}", file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not gpu:
+        print(f"[bench_vllm] ERROR: --device must be cpu, cuda or cuda:N, got {args.device!r}", file=sys.stderr)
+        return 2
     install_cleanup()
-    pool = parse_size(args.static_pool)
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.device == "cpu" else "auto")
-    out = args.out or os.path.join(HERE, "results", "bench_vllm-" + time.strftime("%Y%m%d-%H%M%S") + ".json")
+    dtype = args.dtype if args.dtype != "auto" else ("auto" if gpu else "float32")
+    out = args.out or os.path.join(RESULTS_DIR, "bench_vllm-" + time.strftime("%Y%m%d-%H%M%S") + ".json")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     sides_to_run = {"both": [False, True], "off": [False], "on": [True]}[args.kvcached]
-    sampler = MemorySampler(hz=5.0, use_gpu=args.device.startswith("cuda")).start()
+    try:
+        sampler = MemorySampler(hz=5.0, gpu_index=gpu_index(args.device) if gpu else None).start()
+    except RuntimeError as e:
+        print(f"[bench_vllm] ERROR: --device {args.device}: {e}", file=sys.stderr)
+        return 2
     runs: dict[str, list[dict]] = {"vanilla": [], "kvcached": []}
     code = 0
     try:
@@ -192,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = 130
     finally:
         sampler.stop()
-    key = "gpu_used" if args.device.startswith("cuda") else "rss"
+    key = "gpu_used" if gpu else "rss"
     table = {}
     for side, rs in runs.items():
         if not rs:
@@ -208,18 +226,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             "mem_peak": median_of(rs, lambda r: r["memory"].get(key, {}).get("peak")),
             "mem_after": median_of(rs, lambda r: r["memory"].get(key, {}).get("after")),
             "ok": sum(r["latency"]["ok"] for r in rs), "requests": sum(r["latency"]["requests"] for r in rs)}
+    pool_source = "configured (--kv-cache-memory-bytes)"
+    if pool is None and "vanilla" in table and "kvcached" in table and None not in (
+            table["vanilla"]["mem_idle"], table["kvcached"]["mem_idle"]):
+        # vLLM sized the pool itself: it is what the baseline holds at idle beyond the same engine without KV
+        pool = max(0.0, table["vanilla"]["mem_idle"] - table["kvcached"]["mem_idle"])
+        pool_source = f"measured: vanilla's idle {key} minus kvcached's"
+        table["vanilla"]["kv_idle"] = table["vanilla"]["kv_peak"] = pool
     targets = {}
     if "vanilla" in table and "kvcached" in table and table["vanilla"]["tok_per_s"]:
         ratio = table["kvcached"]["tok_per_s"] / table["vanilla"]["tok_per_s"]
         targets["throughput_ratio"] = ratio
         targets["throughput_ok"] = ratio >= THROUGHPUT_TARGET
-    if "kvcached" in table and table["kvcached"]["kv_idle"] is not None:
+    if pool and "kvcached" in table and table["kvcached"]["kv_idle"] is not None:
         frac = table["kvcached"]["kv_idle"] / pool
         targets["idle_kv_fraction_of_static_pool"] = frac
         targets["idle_ok"] = frac <= IDLE_TARGET
     print()
     print(f"bench_vllm: {os.path.basename(args.model)} on {args.device} ({dtype}), {args.rounds} x {args.concurrency} "
-          f"requests x {args.max_tokens} tokens, static pool {fmt_bytes(pool)}, repeat {args.repeat} (medians)")
+          f"requests x {args.max_tokens} tokens, static pool {fmt_bytes(pool)} ({pool_source}), repeat {args.repeat} "
+          f"(medians)")
     print(f"  {'side':<9} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
           f"{'KV idle':>8} {'KV peak':>8} {key + ' idle':>9} {key + ' peak':>9} {'ok':>7}")
     for side, t in table.items():
@@ -233,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "idle_kv_fraction_of_static_pool" in targets:
         print(f"  kvcached idle KV = {100 * targets['idle_kv_fraction_of_static_pool']:.2f}% of the static pool "
               f"(target <= {100 * IDLE_TARGET:.0f}%): {'OK' if targets['idle_ok'] else 'MISSED'}")
-    result = {"config": vars(args) | {"dtype_used": dtype, "pool_bytes": pool},
+    result = {"config": vars(args) | {"dtype_used": dtype, "pool_bytes": pool, "pool_source": pool_source},
               "machine": {"host": platform.node(), "cpus": os.cpu_count()}, "table": table, "targets": targets,
               "runs": runs, "wall_s": round(time.monotonic() - T0, 1)}
     with open(out, "w") as f:

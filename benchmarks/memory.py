@@ -4,10 +4,10 @@ Note (why): the demo's claim is about memory over time, measured from outside th
 on and off. Approach: a thread wakes at a fixed rate (5 Hz by default) and, for every watched server, sums over its
 process tree (API server, EngineCore, Worker): RSS from /proc/<pid>/statm (cheap), PSS from /proc/<pid>/smaps_rollup
 (walks page tables: ~60 ms for a Worker holding a 2 GiB pool, so it is read every `pss_every_s`, not every sample),
-on a GPU the memory NVML reports per process (pynvml, imported lazily; NVML never creates a CUDA context), and, when
-kvcached's registry is importable, the instance's used and premapped KV bytes (matched by registry name). Each sample
-is one flat dict, so the whole run can be written as JSON and plotted. PSS is read by a second thread into records of
-its own ({t, server, pss}): smaps_rollup takes the process's mmap lock, which a Worker mapping KV pages may hold for
+on a GPU the memory NVML reports per process (pynvml, imported lazily; NVML never creates a CUDA context), and, for
+kvcached instances, their used and premapped KV bytes from the registry (benchmarks/registry_view.py, by name).
+Each sample is one flat dict, so the whole run can be written as JSON and plotted. PSS is read by a second thread
+into records of its own ({t, server, pss}): smaps_rollup takes the process's mmap lock, which a Worker mapping KV pages may hold for
 a long time under CPU contention, and that must never stall the 5 Hz samples (statm and /proc/<pid>/comm take no
 such lock; the process tree is listed every TREE_REFRESH_S).
 
@@ -23,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from benchmarks.registry_view import kv_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TREE_REFRESH_S = 2.0  # listing a process tree scans /proc: not every sample
@@ -63,12 +65,21 @@ def machine_memory() -> dict:
 class Nvml:
     """Per-process GPU memory through NVML (pynvml / nvidia-ml-py). No CUDA context is created."""
 
-    def __init__(self) -> None:
-        import pynvml  # lazily: only where a GPU and nvidia-ml-py exist
-
+    def __init__(self, index: int) -> None:
+        """Raises RuntimeError saying what is missing: nvidia-ml-py, a driver, or GPU `index`."""
+        try:
+            import pynvml  # lazily: only where a GPU and nvidia-ml-py exist
+        except ImportError as e:
+            raise RuntimeError("GPU memory is read through NVML: pip install nvidia-ml-py") from e
         self.nv = pynvml
-        pynvml.nvmlInit()
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            raise RuntimeError(f"NVML cannot start (no NVIDIA driver?): {e}") from e
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        if not 0 <= index < len(self.handles):
+            self.close()
+            raise RuntimeError(f"there is no GPU {index}: NVML sees {len(self.handles)}")
 
     def device_memory(self, index: int) -> dict:
         info = self.nv.nvmlDeviceGetMemoryInfo(self.handles[index])
@@ -101,27 +112,6 @@ class Nvml:
             pass
 
 
-def read_registry(names: list[str]) -> dict[str, dict]:
-    """name -> {"kv_used", "kv_premapped", "kv_limit", "kv_pid"} from kvcached's registry; {} where it is missing."""
-    if not names:
-        return {}
-    try:
-        from kvcached.registry import list_instances
-    except ImportError:
-        return {}
-    try:
-        records = list_instances(names, missing_ok=True)
-    except Exception:  # noqa: BLE001  (the registry is being written; a sample must not die of it)
-        return {}
-    out = {}
-    for r in records:
-        if getattr(r, "status", "alive") != "alive":
-            continue
-        out[r.name] = {"kv_used": int(r.used_bytes), "kv_premapped": int(r.premapped_bytes),
-                       "kv_limit": int(getattr(r, "limit_bytes", 0) or 0), "kv_pid": int(r.pid)}
-    return out
-
-
 @dataclass
 class Watched:
     name: str
@@ -139,7 +129,7 @@ class MemorySampler:
     from the PSS thread every pss_every_s, records {t, server, pss}."""
 
     def __init__(self, hz: float = 5.0, epoch: Optional[float] = None, pss_every_s: float = 3.0,
-                 use_gpu: bool = False) -> None:
+                 gpu_index: Optional[int] = None) -> None:
         self.period = 1.0 / hz
         self.epoch = time.monotonic() if epoch is None else epoch
         self.pss_every_s = pss_every_s
@@ -149,7 +139,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pss_thread: Optional[threading.Thread] = None
-        self._nvml: Optional[Nvml] = Nvml() if use_gpu else None
+        self._nvml: Optional[Nvml] = Nvml(gpu_index) if gpu_index is not None else None
 
     def watch(self, name: str, pids: Callable[[], dict[int, str]], registry_name: Optional[str] = None,
               gpu_index: Optional[int] = None) -> None:
@@ -195,7 +185,7 @@ class MemorySampler:
         with self._lock:
             watched = list(self._watched.values())
         t = self.now()
-        registry = read_registry([w.registry_name for w in watched if w.registry_name])
+        registry = kv_bytes([w.registry_name for w in watched if w.registry_name])
         gpu_cache: dict[int, dict[int, int]] = {}
         out = []
         for w in watched:
@@ -215,7 +205,7 @@ class MemorySampler:
             rec["rss"] = total
             rec["rss_by_role"] = by_role
             if w.registry_name and w.registry_name in registry:
-                rec.update({k: v for k, v in registry[w.registry_name].items() if k != "kv_pid"})
+                rec.update(registry[w.registry_name])
             if self._nvml is not None and w.gpu_index is not None:
                 if w.gpu_index not in gpu_cache:
                     gpu_cache[w.gpu_index] = self._nvml.process_memory(w.gpu_index)
@@ -245,12 +235,6 @@ class MemorySampler:
         except Exception:  # noqa: BLE001
             w.cached = {}
         w.cached_at = time.monotonic()
-
-    def series(self, server: str, key: str, t_from: float = float("-inf"), t_to: float = float("inf")) -> list[tuple]:
-        """[(t, value)] of one server's samples that carry `key`, within [t_from, t_to]."""
-        with self._lock:
-            return [(s["t"], s[key]) for s in self.samples
-                    if s["server"] == server and key in s and t_from <= s["t"] <= t_to]
 
     def gpu_device_memory(self, index: int) -> Optional[dict]:
         return self._nvml.device_memory(index) if self._nvml is not None else None

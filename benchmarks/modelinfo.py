@@ -14,6 +14,9 @@ import math
 import os
 from dataclasses import dataclass
 
+# the benchmarks' default model: $KVCACHED_MODEL_DIR, else the folder scripts/prepare_model.py makes
+DEFAULT_MODEL = os.environ.get("KVCACHED_MODEL_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "kvcached", "models", "SmolLM2-135M-Instruct")
 DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "half": 2, "fp16": 2}
 
 

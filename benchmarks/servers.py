@@ -50,6 +50,8 @@ class ServerSpec:
     max_model_len: int = 1024
     max_num_seqs: Optional[int] = None
     device: str = "cpu"  # "cpu" or "cuda[:N]"
+    enforce_eager: bool = True  # vLLM's CPU build runs eager; on GPUs False keeps vLLM's default (CUDA graphs)
+    gpu_memory_utilization: Optional[float] = None  # GPUs: vLLM's share of the device (its pool, its start-up check)
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)  # added last (e.g. KVCACHED_* tuning)
     python: str = sys.executable
@@ -57,8 +59,11 @@ class ServerSpec:
     def argv(self) -> list[str]:
         args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", os.path.abspath(self.model),
                 "--served-model-name", self.name, "--host", HOST, "--port", str(self.port),
-                "--max-model-len", str(self.max_model_len), "--enforce-eager", "--seed", "0",
-                "--disable-uvicorn-access-log"]
+                "--max-model-len", str(self.max_model_len), "--seed", "0", "--disable-uvicorn-access-log"]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        if self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:.2f}"]
         if self.kv_cache_bytes is not None:
             args += ["--kv-cache-memory-bytes", str(int(self.kv_cache_bytes))]
         if self.max_num_seqs is not None:
@@ -76,10 +81,19 @@ class ServerSpec:
         env.setdefault("VLLM_CACHE_ROOT", DEFAULT_CACHE_ROOT)
         env["PYTHONUNBUFFERED"] = "1"
         if self.device.startswith("cuda"):
-            index = self.device.split(":", 1)[1] if ":" in self.device else "0"
-            env["CUDA_VISIBLE_DEVICES"] = index
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu_index(self.device))  # the server sees its GPU as cuda:0
         env.update(self.extra_env)
         return env
+
+
+def gpu_index(device: str) -> int:
+    """N of "cuda:N" ("cuda" is 0). NVML and CUDA_VISIBLE_DEVICES both count GPUs by this index."""
+    _, _, index = device.partition(":")
+    if not index:
+        return 0
+    if not index.isdigit():
+        raise ServerError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return int(index)
 
 
 def check_model_dir(model: str) -> None:
@@ -268,12 +282,6 @@ class Server:
             if self in _running:
                 _running.remove(self)
 
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def _killpg(pgid: int, sig: int) -> None:
     try:
@@ -311,29 +319,3 @@ def _role(p: psutil.Process) -> str:
     if "resource_tracker" in title:
         return "resource_tracker"
     return comm or "?"
-
-
-def start_all(servers: list[Server], timeout_s: float = 300.0, progress: Optional[Callable[[str], None]] = None,
-              sequential: bool = True) -> None:
-    """Start servers (one after the other by default: on few cores parallel start-ups only compete) and wait for all."""
-    for s in servers:  # every check first, before anything starts
-        check_model_dir(s.spec.model)
-        check_port_free(s.spec.port)
-    if sequential:
-        for s in servers:
-            s.start()
-            took = s.wait_ready(timeout_s, progress)
-            if progress:
-                progress(f"{s.spec.name}: ready in {took:.0f}s at {s.url} (kvcached {'on' if s.spec.kvcached else 'off'})")
-    else:
-        for s in servers:
-            s.start()
-        for s in servers:
-            took = s.wait_ready(timeout_s, progress)
-            if progress:
-                progress(f"{s.spec.name}: ready in {took:.0f}s at {s.url}")
-
-
-def stop_all(servers: list[Server]) -> None:
-    for s in reversed(servers):
-        s.stop()

@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "config",
     "BlockError": "errors", "ConfigError": "errors", "DriverError": "errors", "KVCachedError": "errors",
-    "NoCudaDriverError": "errors", "ShutdownError": "errors",
+    "NoCudaDriverError": "errors", "RegistryError": "errors", "ShutdownError": "errors",
     "KVGeometry": "layout", "KVLayout": "layout",
-    "BlockStats": "manager", "KVCacheManager": "manager",
+    "BlockStats": "manager", "KVCacheManager": "manager", "MemoryObserver": "manager",
+    "open_cache": "opener",
     "MemoryStats": "page_allocator", "PageAllocator": "page_allocator",
 }
 __all__ = sorted(_EXPORTS)

@@ -27,3 +27,7 @@ class BlockError(KVCachedError, ValueError):
 
 class ShutdownError(KVCachedError):
     """The manager was used after shutdown()."""
+
+
+class RegistryError(KVCachedError):
+    """A registry instance is unknown, foreign, alive where it must be dead, or its segment is unreadable."""

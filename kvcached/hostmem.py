@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 
-def meminfo() -> dict[str, int]:
+def _meminfo() -> dict[str, int]:
     """/proc/meminfo in bytes."""
     info = {}
     with open("/proc/meminfo") as f:
@@ -30,7 +30,7 @@ def _cgroup_limit() -> Optional[tuple[int, int]]:
 
 def host_memory() -> tuple[int, int]:
     """(free, total) bytes: MemAvailable and MemTotal, or the cgroup's room and limit when that is tighter."""
-    info = meminfo()
+    info = _meminfo()
     free, total = info.get("MemAvailable", info.get("MemFree", 0)), info["MemTotal"]
     cgroup = _cgroup_limit()
     if cgroup and cgroup[0] < total:

@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .devices import parse_device
 from .errors import ConfigError
+from .units import ceil_div
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ def piece_page_bytes(configured: Optional[int], device: str, block_bytes: int, g
     one block, rounded up to the granularity)."""
     if configured is not None:
         return configured
-    default = _CUDA_PIECE_PAGE if device.startswith("cuda") else _HOST_PIECE_PAGE
-    return max(default, -(-block_bytes // granularity) * granularity)
+    default = _CUDA_PIECE_PAGE if parse_device(device).is_cuda else _HOST_PIECE_PAGE
+    return max(default, ceil_div(block_bytes, granularity) * granularity)
 
 
 class KVLayout:
@@ -83,13 +85,13 @@ class KVLayout:
         unit = math.lcm(granularity, b)
         self.geometry = geometry
         self.block_bytes = b
-        self.page_bytes = -(-blocks_per_piece * b * pieces // unit) * unit
+        self.page_bytes = ceil_div(blocks_per_piece * b * pieces, unit) * unit
         self.blocks_per_page = self.page_bytes // (pieces * b)  # G
         self.ids_per_page = self.page_bytes // b  # M
         self.num_pages = virtual_bytes // self.page_bytes
         if self.num_pages < 1:
             raise ConfigError(f"virtual size {virtual_bytes} bytes is smaller than one page of {self.page_bytes} bytes")
-        tail = -(-pieces * self.blocks_per_page * b // granularity) * granularity
+        tail = ceil_div(pieces * self.blocks_per_page * b, granularity) * granularity
         self.reserved_bytes = self.num_pages * self.page_bytes + tail
         self.num_block_ids = self.num_pages * self.ids_per_page
         if self.num_block_ids >= 2**31:
@@ -111,9 +113,6 @@ class KVLayout:
     def block_ids(self, page: int) -> range:
         first = page * self.ids_per_page
         return range(first, first + self.blocks_per_page)
-
-    def page_offset(self, page: int) -> int:
-        return page * self.page_bytes
 
     def piece_view(self, base: torch.Tensor, piece: int) -> torch.Tensor:
         """Piece `piece`'s tensor, shape (num_block_ids, *block_shape), over the uint8 tensor of the reservation."""

@@ -16,7 +16,7 @@ import heapq
 import threading
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Protocol, Union
 
 import torch
 
@@ -24,6 +24,7 @@ from .config import Config, get_logger
 from .errors import BlockError, ShutdownError
 from .layout import KVGeometry, KVLayout, piece_page_bytes
 from .page_allocator import MemoryStats, PageAllocator
+from .units import ceil_div
 from .vmm import VirtualMemory, open_vmm
 
 
@@ -34,38 +35,47 @@ class BlockStats:
     available_blocks: int  # what alloc() could hand out right now
 
 
+class MemoryObserver(Protocol):
+    """What the edge gives the manager to learn of memory changes (the registry's Registration is one)."""
+
+    def publish(self, stats: MemoryStats) -> None:
+        """Called under the page allocator's lock after every change of mapped memory: must not block."""
+
+    def close(self) -> None:
+        """Called once by shutdown()."""
+
+
 class KVCacheManager:
     def __init__(
         self,
         geometry: KVGeometry,
         device: Union[str, VirtualMemory] = "cpu",
         *,
+        config: Optional[Config] = None,
         limit_bytes: Optional[int] = None,
         virtual_bytes: Optional[int] = None,
         reserve_null_block: bool = True,
         background: bool = True,
-        config: Optional[Config] = None,
-        ipc_name: Optional[str] = None,
-        register: bool = True,
+        observer: Optional[MemoryObserver] = None,
     ) -> None:
         """Reserve address space for `geometry` on `device` ("cpu", "cuda:N", or a VirtualMemory to use).
 
-        `virtual_bytes` defaults to KVCACHED_VIRTUAL_SIZE, else the device's total memory; `limit_bytes` to
-        KVCACHED_MEMORY_LIMIT, else none. With `reserve_null_block`, block `null_block` is taken at start and never
-        handed out: engines point padding at it, so it must stay mapped. With `register`, the instance publishes its
-        memory in the shared-memory registry under `ipc_name` (default: KVCACHED_IPC_NAME, else a unique name), where
-        `kvctl` and `kvtop` see it and operators set its limit.
+        `config` defaults to Config() (the manager never reads the environment: kvcached.open_cache does).
+        `virtual_bytes` defaults to config.virtual_size, else the device's total memory; `limit_bytes` to
+        config.memory_limit, else none. With `reserve_null_block`, block `null_block` is taken at start and never
+        handed out: engines point padding at it, so it must stay mapped. `observer` learns of every change of mapped
+        memory and is closed by shutdown().
         """
-        config = config or Config.from_env()
+        config = config if config is not None else Config()
         self.config = config
+        self.observer = observer
         self.vmm = device if isinstance(device, VirtualMemory) else open_vmm(device)
         self.device = self.vmm.device
         virtual = virtual_bytes or config.virtual_size or self.vmm.total_memory()
         piece = piece_page_bytes(config.page_size_bytes, self.device, geometry.block_bytes, self.vmm.granularity)
         self.layout = KVLayout(geometry, piece, self.vmm.granularity, virtual)
         self._base = self.vmm.reserve(self.layout.reserved_bytes)
-        self._registration = None
-        explicit_limit = limit_bytes if limit_bytes is not None else config.memory_limit
+        self.explicit_limit = limit_bytes if limit_bytes is not None else config.memory_limit
         self.pages = PageAllocator(
             self.vmm,
             self._base,
@@ -75,7 +85,7 @@ class KVCacheManager:
             max_reserved=config.max_reserved_pages,
             utilization=config.gpu_utilization,
             trim_idle_s=config.trim_idle_s,
-            limit_bytes=explicit_limit,
+            limit_bytes=self.explicit_limit,
             background=background,
             on_change=self._publish,
         )
@@ -93,8 +103,6 @@ class KVCacheManager:
                 self.shutdown()
                 raise MemoryError("no memory for the null block: the limit or the device's free memory is below one page")
             self.null_block = ids[0]
-        if register:
-            self._register(ipc_name if ipc_name is not None else config.ipc_name, explicit_limit)
         get_logger(config).debug(
             "KV cache on %s: %d pages of %d bytes (%d blocks each), %d block ids",
             self.device, self.layout.num_pages, self.layout.page_bytes, self.layout.blocks_per_page,
@@ -108,7 +116,8 @@ class KVCacheManager:
 
     @property
     def ipc_name(self) -> Optional[str]:
-        return self._registration.name if self._registration else None
+        """The registry name when the observer is a registration (kvcached.open_cache), else None."""
+        return getattr(self.observer, "name", None)
 
     @property
     def num_block_ids(self) -> int:
@@ -128,7 +137,7 @@ class KVCacheManager:
         g = self.layout.blocks_per_page
         with self._lock:
             self._check_open()
-            new_pages = -(-(n - self._num_free) // g) if n > self._num_free else 0
+            new_pages = ceil_div(n - self._num_free, g) if n > self._num_free else 0
             if new_pages and new_pages > self.pages.available_pages(ignore_headroom):
                 return None
             if not self._map_pages(new_pages, ignore_headroom):
@@ -230,35 +239,18 @@ class KVCacheManager:
             if self._closed:
                 return
             self._closed = True
-        if self._registration is not None:
-            self._registration.close()
-        self.pages.close()
-        self.vmm.unreserve(self._base, self.layout.reserved_bytes)
-        self.vmm.close()
-
-    def _register(self, name: Optional[str], explicit_limit: Optional[int]) -> None:
-        """Publish this instance in the shared-memory registry; on failure (a bad or taken name) give back what was
-        reserved and mapped before raising."""
-        from .registry import Registration
-
         try:
-            self._registration = Registration.open(
-                name,
-                device=self.device,
-                virtual_bytes=self.layout.num_pages * self.layout.page_bytes,
-                device_total_bytes=self.vmm.total_memory(),
-                explicit_limit=explicit_limit,
-                stats=self.memory_stats,
-                apply_limit=self.resize,
-            )
-        except BaseException:
-            self.shutdown()
-            raise
+            if self.observer is not None:
+                self.observer.close()
+        finally:
+            self.pages.close()
+            self.vmm.unreserve(self._base, self.layout.reserved_bytes)
+            self.vmm.close()
 
     def _publish(self, stats: MemoryStats) -> None:
         """Called by the page allocator, under its lock, after every change of mapped memory."""
-        if self._registration is not None:
-            self._registration.publish(stats)
+        if self.observer is not None:
+            self.observer.publish(stats)
 
     # ---- internals (under self._lock) -----------------------------------------------------------------------------
 

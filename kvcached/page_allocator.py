@@ -59,8 +59,12 @@ class PageAllocator:
         limit_bytes: Optional[int] = None,
         background: bool = True,
         on_change: Optional[Callable[[MemoryStats], None]] = None,
+        free_memory: Optional[Callable[[], int]] = None,
     ) -> None:
+        """`free_memory` is where the utilization cap reads the device's free bytes (default: the backend's
+        free_memory(), which counts every process); `on_change` is called under the lock after every change."""
         self._vmm, self._base, self.page_bytes, self.num_pages = vmm, base, page_bytes, num_pages
+        self._free_memory = free_memory or vmm.free_memory
         self._min_reserved, self._max_reserved = min_reserved, max_reserved
         self._utilization, self._trim_idle_s = utilization, trim_idle_s
         self._total_memory = vmm.total_memory()
@@ -220,7 +224,7 @@ class PageAllocator:
         now = time.monotonic()
         when, used, mapped_then = self._headroom
         if now - when > _HEADROOM_CACHE_S:
-            used, mapped_then = self._total_memory - self._vmm.free_memory(), self._mapped_pages()
+            used, mapped_then = self._total_memory - self._free_memory(), self._mapped_pages()
             self._headroom = (now, used, mapped_then)
         used += (self._mapped_pages() - mapped_then) * self.page_bytes
         return int((self._utilization * self._total_memory - used) // self.page_bytes)

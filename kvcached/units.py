@@ -37,3 +37,8 @@ def format_size(num_bytes: int) -> str:
     if unit == "":
         return f"{sign}{int(value)}B"
     return f"{sign}{value:.3g}{unit}" if value < 100 else f"{sign}{value:.0f}{unit}"
+
+
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, for positive b (integers only: no float rounding on byte counts)."""
+    return -(-a // b)

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from kvcached import Config, KVCacheManager, KVGeometry
+from kvcached import Config, KVGeometry, open_cache
 
 env = dict(os.environ, PYTHONPATH=os.getcwd(), COLUMNS="100", LINES="24")
 py = sys.executable
-m = KVCacheManager(KVGeometry(4, (16, 2, 64), torch.bfloat16), "cuda:0", ipc_name="gpu-check",
-                   virtual_bytes=64 << 24, config=Config(min_reserved_pages=0, max_reserved_pages=4, trim_idle_s=600))
+m = open_cache(KVGeometry(4, (16, 2, 64), torch.bfloat16), "cuda:0", name="gpu-check", virtual_bytes=64 << 24,
+               config=Config(min_reserved_pages=0, max_reserved_pages=4, trim_idle_s=600))
 ids = m.alloc(1200)
 m.free(ids[600:])
 print("stats", m.memory_stats())
@@ -29,7 +29,7 @@ rec = json.loads(out.stdout)[0]
 print("record", {k: rec[k] for k in ("status", "device", "backend", "gpu_id", "used_bytes", "premapped_bytes",
                                      "limit_bytes", "device_total_bytes")}, out.stderr)
 # kvtop in the background: it must not appear among the GPU's compute processes (no CUDA context).
-top = subprocess.Popen([py, "-c", "import time; from kvcached.cli.devices import Nvml; n = Nvml(); "
+top = subprocess.Popen([py, "-c", "import time; from kvcached.devices import Nvml; n = Nvml(); "
                         "print(n.memory(%r)); time.sleep(4)" % rec["gpu_id"]], env=env)
 time.sleep(2.5)
 apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],

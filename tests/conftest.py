@@ -41,7 +41,6 @@ def make_manager(device):
 
     def make(geometry: KVGeometry = SMALL, *, virtual_bytes: int = 64 * PAGE, background: bool = False, **kwargs):
         kwargs.setdefault("config", quiet_config())
-        kwargs.setdefault("register", False)
         manager = KVCacheManager(geometry, device, virtual_bytes=virtual_bytes, background=background, **kwargs)
         made.append(manager)
         return manager

@@ -1,4 +1,4 @@
-"""A small engine for the registry tests: a KVCacheManager on the host backend, driven by commands on stdin.
+"""A small engine for the registry tests: open_cache() on the host backend, driven by commands on stdin.
 
 Usage: registry_child.py NAME [LIMIT_BYTES]. A page is 16 MiB (4 layers x K,V x 2 MiB pieces) and holds 32 blocks; the null block
 takes one slot of the first page. Commands, one per line, each answered by one JSON line on stdout:
@@ -6,6 +6,7 @@ takes one slot of the first page. Commands, one per line, each answered by one J
   free      -> frees the blocks of the last successful alloc
   stats     -> {"stats": ...}
   exit      -> shuts the manager down (removing its segment) and exits
+  leave     -> exits without shutdown() (the segment must still go, at interpreter exit)
 """
 
 import json
@@ -14,7 +15,7 @@ import sys
 
 import torch
 
-from kvcached import Config, KVCacheManager, KVGeometry
+from kvcached import Config, KVGeometry, open_cache
 
 PAGE_BYTES = 16 << 20
 BLOCKS_PER_PAGE = 32
@@ -26,8 +27,7 @@ def main() -> None:
     config = Config(page_size_mb=2.0, min_reserved_pages=0, max_reserved_pages=4, trim_idle_s=600.0,
                     log_level="WARNING")
     geometry = KVGeometry(num_layers=4, block_shape=(65536,), dtype=torch.uint8)
-    manager = KVCacheManager(geometry, "cpu", ipc_name=name, virtual_bytes=16 * PAGE_BYTES, limit_bytes=limit,
-                             config=config)
+    manager = open_cache(geometry, "cpu", name=name, virtual_bytes=16 * PAGE_BYTES, limit_bytes=limit, config=config)
     batches = []
 
     def reply(**fields) -> None:
@@ -50,6 +50,9 @@ def main() -> None:
             reply(ok=True)
         elif command[0] == "stats":
             reply(ok=True)
+        elif command[0] == "leave":
+            print(json.dumps({"bye": True}), flush=True)
+            return
         elif command[0] == "exit":
             manager.shutdown()
             print(json.dumps({"bye": True}), flush=True)

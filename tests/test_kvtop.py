@@ -13,10 +13,12 @@ import pytest
 
 from kvcached import registry
 from kvcached.cli import devices
+from kvcached.devices import Nvml
 from kvcached.cli.render import bar, plain, render
 from kvcached.registry import InstanceRecord
+from waiting import wait_until
 from registry_helpers import (  # noqa: F401 (fixtures)
-    empty_ipc_dir, ipc_dir, PAGE, PREFIX, REPO, children, env, fakes, start_fake_child, unique, wait_until,
+    empty_ipc_dir, ipc_dir, PAGE, PREFIX, REPO, children, env, fakes, start_fake_child, unique,
 )
 
 MiB = 1 << 20
@@ -93,7 +95,7 @@ def test_device_bars_use_nvml_by_uuid_and_report_its_absence(monkeypatch):
         nvmlDeviceGetIndex=lambda h: 3,
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    nvml = devices.Nvml()
+    nvml = Nvml()
     bars = devices.device_memory([gpu, host, gpu], nvml)
     nvml.close()
     assert bars[0].label == "HOST" and bars[0].total > 0
@@ -101,8 +103,8 @@ def test_device_bars_use_nvml_by_uuid_and_report_its_absence(monkeypatch):
     assert calls == ["init", "GPU-1234", "shutdown"]
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the bar says so, nothing raises
-    (missing,) = devices.device_memory([gpu], devices.Nvml())
-    assert missing.error.startswith("NVML unavailable") and missing.total == 0
+    (missing,) = devices.device_memory([gpu], Nvml())
+    assert missing.error.startswith("reading GPU memory needs NVML: pip install nvidia-ml-py") and missing.total == 0
 
 
 def test_once_and_errors(fakes):

@@ -211,4 +211,4 @@ def test_a_limit_below_one_page_leaves_no_room_for_the_null_block(device):
     from kvcached import KVCacheManager
 
     with pytest.raises(MemoryError, match="null block"):
-        KVCacheManager(SMALL, device, virtual_bytes=4 * PAGE, limit_bytes=PAGE - 1, config=quiet_config(), register=False)
+        KVCacheManager(SMALL, device, virtual_bytes=4 * PAGE, limit_bytes=PAGE - 1, config=quiet_config())

@@ -13,7 +13,7 @@ from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
 from pagetable_child import Child
-from registry_helpers import wait_until
+from waiting import wait_until
 
 
 def settle(child: Child, expected: int, timeout: float = 1.0) -> float:
@@ -49,7 +49,7 @@ def shared(followed, device):
     """A manager deciding through the page table, and the child mapping after it."""
     table, child = followed
     vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
-    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, register=False, config=quiet_config())
+    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, config=quiet_config())
     yield manager, child
     manager.shutdown()
 

@@ -8,17 +8,11 @@ import time
 
 import pytest
 
-from conftest import BLOCKS_PER_PAGE, PAGE, device_used_bytes, quiet_config
-
-
-def wait_until(predicate, timeout: float = 2.0) -> float:
-    """Seconds until predicate() held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        time.sleep(0.002)
-    return time.monotonic() - start
+from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, device_used_bytes, quiet_config
+from kvcached import KVCacheManager, PageAllocator
+from kvcached.units import ceil_div
+from kvcached.vmm import open_vmm
+from waiting import wait_until
 
 
 def test_inline_reserve_is_refilled_to_the_minimum_after_an_alloc(make_manager):
@@ -58,9 +52,9 @@ def test_lowering_the_limit_unmaps_the_reserve_at_once(make_manager, device):
 
 def test_background_mapper_fills_the_reserve_without_being_asked(make_manager):
     manager = make_manager(background=True, config=quiet_config(min_reserved_pages=3, max_reserved_pages=4, trim_idle_s=30))
-    wait_until(lambda: manager.memory_stats().premapped_bytes == 3 * PAGE)
+    assert wait_until(lambda: manager.memory_stats().premapped_bytes == 3 * PAGE, timeout=30)
     manager.alloc(2 * BLOCKS_PER_PAGE)  # served from the reserve
-    wait_until(lambda: manager.memory_stats().premapped_bytes == 3 * PAGE)
+    assert wait_until(lambda: manager.memory_stats().premapped_bytes == 3 * PAGE, timeout=30)
     assert manager.memory_stats().used_bytes == 3 * PAGE
 
 
@@ -69,43 +63,70 @@ def test_idle_reserve_is_trimmed_to_the_floor(make_manager, device):
     ids = manager.alloc(4 * BLOCKS_PER_PAGE)
     manager.free(ids)
     assert manager.memory_stats().premapped_bytes >= 2 * PAGE
-    waited = wait_until(lambda: manager.memory_stats().premapped_bytes == 0, timeout=2.0)
-    assert waited < 1.0
+    assert wait_until(lambda: manager.memory_stats().premapped_bytes == 0, timeout=30)  # no alloc came: trimmed
     assert manager.memory_stats().used_bytes == PAGE  # the floor: the null block's page
 
 
-def test_utilization_cap_stops_mapping_before_the_device_is_full(device):
-    """The cap is machine-wide, so other processes' memory moves it: an attempt during which the device's used memory
-    moved by more than the margin, beside our own pages, says nothing and is made again (at most 20 times, 0.25 s
-    apart, so that one quiet moment suffices)."""
-    from kvcached import KVCacheManager
-    from kvcached.vmm import open_vmm
-    from conftest import SMALL
+CAP_PAGE = 2 << 20  # a multiple of every backend's granularity
 
-    big_page = 8 * (16 << 20)  # 16 MiB per piece: half a page of margin (64 MiB) absorbs ordinary noise
+
+@pytest.fixture
+def capped_pages(device):
+    """A PageAllocator over a real reservation on `device`, capped at half the device's total memory, reading the
+    device's free memory from a figure the test sets (`free`, a one-element list)."""
     vmm = open_vmm(device)
+    base = vmm.reserve(8 * CAP_PAGE)
+    free = [0]
+    pages = PageAllocator(vmm, base, CAP_PAGE, 8, min_reserved=0, max_reserved=0, utilization=0.5, trim_idle_s=0.0,
+                          background=False, free_memory=lambda: free[0])
+    yield pages, free, vmm.total_memory()
+    pages.close()
+    vmm.unreserve(base, 8 * CAP_PAGE)
+    vmm.close()
+
+
+def test_utilization_cap_maps_exactly_the_pages_under_the_cap(capped_pages):
+    pages, free, total = capped_pages
+    cap = total // 2  # total is a multiple of the page size: exact
+    free[0] = total - (cap - 3 * CAP_PAGE - CAP_PAGE // 2)  # 3.5 pages of room under the cap: exactly 3 pages
+    assert pages.available_pages() == 3
+    taken = [pages.alloc() for _ in range(3)]
+    assert None not in taken and pages.stats().used_bytes == 3 * CAP_PAGE
+    assert pages.available_pages() == 0 and pages.alloc() is None  # our own pages count at once, between readings
+    extra = pages.alloc(ignore_headroom=True)  # the cap said no, not the limit (8 pages)
+    assert extra is not None and pages.stats().used_bytes == 4 * CAP_PAGE
+    pages.free(extra)
+    pages.free(taken.pop())  # 2 pages mapped now: 1.5 pages of room
+    assert pages.stats().mapped_bytes == 2 * CAP_PAGE and pages.available_pages() == 1
+
+
+def test_utilization_cap_follows_a_neighbour_that_takes_memory(capped_pages):
+    pages, free, total = capped_pages
+    free[0] = total - (total // 2 - 5 * CAP_PAGE)  # room for 5 pages
+    assert pages.available_pages() == 5
+    free[0] -= 3 * CAP_PAGE  # another process maps 3 pages
+    time.sleep(0.06)  # past the 50 ms the free figure is kept (a longer wait changes nothing)
+    assert pages.available_pages() == 2
+    assert pages.alloc() is not None and pages.alloc() is not None and pages.alloc() is None
+
+
+def test_utilization_cap_refuses_more_than_the_real_device_could_ever_have_free(device):
+    """On the real backend's free memory, whatever neighbours do: the limit (twice the device's memory) allows the
+    request, only the device's free memory, read from the backend, can refuse it."""
+    vmm = open_vmm(device)
+    total = vmm.total_memory()
+    vmm.close()
+    page = 8 * (2 << 20)  # quiet_config's page for SMALL: 8 pieces of 2 MiB
+    manager = KVCacheManager(SMALL, device, virtual_bytes=2 * ceil_div(total, page) * page, background=False,
+                             config=quiet_config(gpu_utilization=1.0))
     try:
-        for attempt in range(20):
-            time.sleep(0.25 if attempt else 0)
-            total, used = vmm.total_memory(), vmm.total_memory() - vmm.free_memory()
-            # Room for the null block's page and 2.5 more pages under the cap: exactly 2 more can be mapped.
-            config = quiet_config(page_size_mb=16.0, gpu_utilization=(used + 3.5 * big_page) / total)
-            manager = KVCacheManager(SMALL, device, virtual_bytes=16 * big_page, background=False, register=False,
-                                     config=config)
-            try:
-                per_page = manager.layout.blocks_per_page
-                results = (manager.alloc(2 * per_page) is not None, manager.alloc(per_page) is None,
-                           manager.memory_stats().used_bytes)
-                others = (vmm.total_memory() - vmm.free_memory()) - used - results[2]
-                if abs(others) < big_page // 2:
-                    assert results == (True, True, 3 * big_page)
-                    assert manager.alloc(per_page, ignore_headroom=True) is not None  # the cap said no, not the limit
-                    return
-            finally:
-                manager.shutdown()
-        pytest.fail("other processes kept moving the device's memory; the cap could not be tested")
+        per_page = manager.layout.blocks_per_page
+        assert manager.layout.num_pages > ceil_div(total, page)  # the limit is not what refuses
+        assert manager.alloc((ceil_div(total, page) + 1) * per_page) is None
+        assert manager.memory_stats().mapped_bytes == page  # nothing was mapped for the refused request
+        assert manager.available_size() <= (total // page) * per_page + per_page - 1
     finally:
-        vmm.close()
+        manager.shutdown()
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -149,7 +170,7 @@ def test_concurrent_callers_never_share_a_block_and_accounting_stays_exact(make_
     assert errors == []
     assert manager.num_allocated() == 1
     assert manager.memory_stats().used_bytes == PAGE
-    wait_until(lambda: manager.memory_stats().premapped_bytes <= 2 * PAGE)  # the mapper trims freed pages promptly
+    assert wait_until(lambda: manager.memory_stats().premapped_bytes <= 2 * PAGE, timeout=30)  # beyond the maximum
 
 
 def test_trim_gives_the_reserve_back_at_once_and_it_is_rebuilt_on_the_next_page(make_manager, device):

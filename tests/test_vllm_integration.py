@@ -23,7 +23,7 @@ from kvcached.integrations.vllm.block_pool import ElasticBlockPool  # noqa: E402
 from kvcached.pagetable import PageFollower, PageTable  # noqa: E402
 from kvcached.vmm import open_vmm  # noqa: E402
 from pagetable_child import Child  # noqa: E402
-from kvcached.shm_segment import start_ticks  # noqa: E402
+from kvcached.procinfo import start_ticks  # noqa: E402
 
 PAGE = 2 * 4 * 4096  # 2 layers x 4 blocks x 4 KiB
 

@@ -1,9 +1,8 @@
-"""Device memory for kvtop's device bars: GPUs through NVML, the host through /proc/meminfo.
+"""Device memory for kvtop's device bars: GPUs through NVML (kvcached/devices.py), the host through /proc/meminfo.
 
-Note: NVML (pynvml, from the nvidia-ml-py package) reads memory without creating a CUDA context, which would cost a few
-hundred MB of GPU memory per tool (a lesson from the old kvcached's monitor). It is imported on first use, so kvtop
-runs on machines without it; a GPU it cannot read gets a bar with the reason instead of numbers. Each instance's
-record names its GPU by UUID (or CUDA_VISIBLE_DEVICES entry, or index), so the bar is the right GPU, not GPU 0.
+Note: a GPU NVML cannot read (no nvidia-ml-py, no driver, an unknown UUID) gets a bar with the reason instead of
+numbers, so kvtop runs on machines without NVML. Each instance's record names its GPU by UUID (or
+CUDA_VISIBLE_DEVICES entry, or index), so the bar is the right GPU, not GPU 0.
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .. import hostmem
-from ..registry import InstanceRecord
+from ..devices import Nvml, parse_device
+from ..errors import NoCudaDriverError
+from ..registry import InstanceRecord, InstanceStatus
 
 
 @dataclass(frozen=True)
@@ -28,52 +29,28 @@ def host_memory() -> DeviceMemory:
     return DeviceMemory("HOST", total, total - free)
 
 
-class Nvml:
-    """NVML, initialised on first use and shut down by close()."""
+def gpu_memory(nvml: Nvml, gpu_id: str) -> DeviceMemory:
+    try:
+        gpu = nvml.memory(gpu_id)
+    except NoCudaDriverError as exc:  # no nvidia-ml-py, or no driver
+        return DeviceMemory(f"GPU {gpu_id}", error=str(exc))
+    except Exception as exc:  # NVMLError, for a GPU it does not know
+        return DeviceMemory(f"GPU {gpu_id}", error=f"NVML: {exc or type(exc).__name__}")
+    return DeviceMemory(gpu.label, gpu.total, gpu.total - gpu.free)
 
-    def __init__(self) -> None:
-        self._nvml = None
-        self._error = ""
 
-    def _init(self):
-        if self._nvml is None and not self._error:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._nvml = pynvml
-            except Exception as exc:  # ImportError, or NVMLError when there is no driver
-                self._error = f"NVML unavailable ({exc or type(exc).__name__})"
-        return self._nvml
-
-    def memory(self, gpu_id: str) -> DeviceMemory:
-        nvml = self._init()
-        if nvml is None:
-            return DeviceMemory(f"GPU {gpu_id}", error=self._error)
-        try:
-            if gpu_id.isdigit():
-                handle = nvml.nvmlDeviceGetHandleByIndex(int(gpu_id))
-            else:
-                handle = nvml.nvmlDeviceGetHandleByUUID(gpu_id)
-            info = nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = nvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            return DeviceMemory(f"GPU{nvml.nvmlDeviceGetIndex(handle)} {name}", int(info.total), int(info.used))
-        except Exception as exc:
-            return DeviceMemory(f"GPU {gpu_id}", error=f"NVML: {exc or type(exc).__name__}")
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
-            self._nvml = None
+def _gpu_of(record: InstanceRecord) -> str:
+    if record.gpu_id:
+        return record.gpu_id
+    try:
+        return str(parse_device(record.device).index)
+    except ValueError:
+        return "0"
 
 
 def device_memory(records: Iterable[InstanceRecord], nvml: Nvml) -> list[DeviceMemory]:
     """One bar per device the readable instances use: the host first, then each GPU once."""
-    records = [r for r in records if r.status in ("alive", "dead")]
+    records = [r for r in records if r.status in (InstanceStatus.ALIVE, InstanceStatus.DEAD)]
     bars = [host_memory()] if any(r.backend == "host" for r in records) else []
-    gpus = sorted({r.gpu_id or r.device.partition(":")[2] or "0" for r in records if r.backend == "cuda"})
-    return bars + [nvml.memory(gpu) for gpu in gpus]
+    gpus = sorted({_gpu_of(r) for r in records if r.backend == "cuda"})
+    return bars + [gpu_memory(nvml, gpu) for gpu in gpus]

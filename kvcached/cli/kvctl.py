@@ -18,22 +18,15 @@ import time
 from typing import Optional
 
 from .. import registry
-from ..errors import KVCachedError
+from ..errors import KVCachedError, RegistryError
+from ..registry import InstanceRecord, InstanceStatus
 from ..units import format_size, parse_size
+from .common import OneLineParser, UsageError, number, positive_float, print_error
 
 PROMPT = "kvcached> "
 HISTORY = "~/.kvctl_history"
 _NO_LIMIT = ("none", "off", "unlimited")
 _EXIT = object()
-
-
-class UsageError(Exception):
-    """A command line argparse cannot parse."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message, and no exit inside the shell
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,27 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ipc", help="instance name")
     p.add_argument("--force", action="store_true", help="also when the instance is alive (it stays unregistered)")
 
-    add("clean", "remove the segments of dead instances (saved limits stay)")
+    add("clean", "remove the segments of dead instances and their saved limits")
     p = add("help", "show help, or a command's help")
     p.add_argument("topic", nargs="?", help="a command")
     add("exit", "leave the shell")
     add("quit", "leave the shell")
     return parser
-
-
-def _number(text: str) -> float:
-    """float(text), or NaN (which fails every range check) when it is not a number."""
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
-
-
-def positive_float(text: str) -> float:
-    value = _number(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
 
 
 def _count(text: str) -> int:
@@ -119,13 +97,13 @@ def _list(args) -> int:
     return 0
 
 
-def format_table(records: list[registry.InstanceRecord]) -> str:
+def format_table(records: list[InstanceRecord]) -> str:
     if not records:
         return "no kvcached instances"
     header = ("NAME", "STATUS", "PID", "DEVICE", "PREALLOC", "USED", "LIMIT", "FREE", "VIRTUAL")
     rows = [header]
     for r in records:
-        if r.status in ("foreign", "invalid"):
+        if r.status in (InstanceStatus.FOREIGN, InstanceStatus.INVALID):
             rows.append((r.name, r.status, "", "", "", "", "", "", r.reason))
             continue
         rows.append((r.name, r.status, str(r.pid), r.device, format_size(r.premapped_bytes), format_size(r.used_bytes),
@@ -150,9 +128,9 @@ def _set_limit(name: str, limit: Optional[int]) -> int:
         print(f"{name}: limit {shown} saved; the instance is dead, it applies when one starts under this name")
         return 0
     if result.apply_error:
-        raise registry.RegistryError(f"{name}: the engine failed to apply the limit {shown} (see its log)")
+        raise RegistryError(f"{name}: the engine failed to apply the limit {shown} (see its log)")
     if not result.applied:
-        raise registry.RegistryError(f"{name}: limit {shown} saved, but the engine did not apply it within 1 s")
+        raise RegistryError(f"{name}: limit {shown} saved, but the engine did not apply it within 1 s")
     record = registry.read_instance(name)
     deficit = record.deficit_bytes
     note = f"; {format_size(deficit)} in use above it is given back as freed" if deficit else ""
@@ -165,12 +143,12 @@ def _limit(args) -> int:
 
 
 def _limit_percent(args) -> int:
-    pct = _number(args.pct)
+    pct = number(args.pct)
     if not 0 <= pct <= 100:
         raise ValueError(f"percentage must be a number from 0 to 100, got {args.pct!r}")
     record = registry.read_instance(args.ipc)
-    if record.status in ("foreign", "invalid"):
-        raise registry.RegistryError(f"instance {args.ipc!r} is {record.status} ({record.reason}); it is not changed")
+    if record.status in (InstanceStatus.FOREIGN, InstanceStatus.INVALID):
+        raise RegistryError(f"instance {args.ipc!r} is {record.status} ({record.reason}); it is not changed")
     return _set_limit(args.ipc, int(record.device_total_bytes * pct / 100))
 
 
@@ -203,7 +181,7 @@ def _delete(args) -> int:
 
 
 def _clean(args) -> int:
-    removed = registry.clean_dead()
+    removed = registry.clean_dead(forget_limits=True)
     print(f"removed {len(removed)} dead instance(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0
 
@@ -248,11 +226,6 @@ def run(argv: list[str], prefix: str = "kvctl: error: ") -> int:
     except (KVCachedError, ValueError, OSError) as exc:
         print_error(prefix, exc)
         return 1
-
-
-def print_error(prefix: str, exc: Exception) -> None:
-    text = " ".join(str(exc).split()) or type(exc).__name__  # always one line
-    print(prefix + text, file=sys.stderr, flush=True)
 
 
 def run_line(line: str) -> object:

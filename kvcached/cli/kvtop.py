@@ -14,8 +14,9 @@ from typing import Optional
 
 from .. import registry
 from ..errors import KVCachedError
-from .devices import Nvml, device_memory
-from .kvctl import OneLineParser, UsageError, positive_float, print_error
+from ..devices import Nvml
+from .devices import device_memory
+from .common import OneLineParser, UsageError, positive_float, print_error
 from .render import Line, plain, render
 
 

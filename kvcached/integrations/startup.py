@@ -2,8 +2,8 @@
 
 Note: it reads two environment variables and, when both ENABLE_KVCACHED and KVCACHED_AUTOPATCH are true, registers the
 engine patches as post-import hooks; it imports no engine and no torch. A .pth file cannot stop Python (its errors are
-printed and skipped), so a failure here is kept and raised again when the engine is imported: an engine never starts
-unpatched while kvcached is enabled. `ACTIVE` tells the engine's plugin check that this hook ran.
+printed and skipped), so a failure here is kept and raised again when an engine (vLLM, SGLang) is imported: an engine
+never starts unpatched while kvcached is enabled. `ACTIVE` tells the engine's plugin check that this hook ran.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ def run() -> None:
         from ..config import Config
 
         Config.from_env()  # a bad variable stops the engine with its message
-        from .vllm import autopatch
+        from .sglang import autopatch as sglang_autopatch
+        from .vllm import autopatch as vllm_autopatch
 
-        autopatch.install()
+        vllm_autopatch.install()
+        sglang_autopatch.install()
         ACTIVE = True
-    except BaseException as exc:  # noqa: BLE001 - re-raised when vLLM is imported
+    except BaseException as exc:  # noqa: BLE001 - re-raised when an engine is imported
         ERROR = exc
-        importhook.when_imported("vllm", _raise_startup_error)
+        for engine in ("vllm", "sglang"):
+            importhook.when_imported(engine, _raise_startup_error)
 
 
 def _raise_startup_error(_module) -> None:

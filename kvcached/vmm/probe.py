@@ -1,60 +1,44 @@
 """Device facts read without mapping anything and without creating a CUDA context.
 
-Note: a process that only decides (vLLM's scheduler, kvctl, kvtop) must not create a CUDA context: that alone costs
-hundreds of MB of GPU memory. Free and total memory come from NVML (found by the device's PCI bus id, so the CUDA
-index and CUDA_VISIBLE_DEVICES are honoured), granularity from the driver, which answers that without a context.
+Note: a process that only decides (vLLM's scheduler) must not create a CUDA context: that alone costs hundreds of MB
+of GPU memory. Free and total memory come from NVML (kvcached/devices.py), the GPU found by its PCI bus id so that the
+CUDA index and CUDA_VISIBLE_DEVICES are honoured; granularity comes from the driver, which answers without a context.
 """
 
 from __future__ import annotations
 
 import mmap
-import re
 from functools import lru_cache
 
-from ..errors import NoCudaDriverError
+from ..devices import parse_device, shared_nvml
 from ..hostmem import host_memory
 
 
-def _cuda_index(device: str) -> int | None:
-    match = re.match(r"^cuda(?::(\d+))?$", device)
-    return int(match.group(1) or 0) if match else None
-
-
 def granularity_of(device: str) -> int:
-    index = _cuda_index(device)
-    if index is None:
+    parsed = parse_device(device)
+    if not parsed.is_cuda:
         return mmap.PAGESIZE
-    from .cuda import _check, _cu, init_driver
+    from .cuda import CudaVirtualMemory, _check, _cu, init_driver
 
     init_driver()
-    from .cuda import CudaVirtualMemory
-
-    prop = CudaVirtualMemory.allocation_prop(index)
+    prop = CudaVirtualMemory.allocation_prop(parsed.index)
     flag = _cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
     return int(_check("cuMemGetAllocationGranularity", _cu.cuMemGetAllocationGranularity(prop, flag)))
 
 
 @lru_cache(maxsize=None)
-def _nvml_handle(index: int):
-    try:
-        import pynvml
-    except ImportError:
-        raise NoCudaDriverError("reading GPU memory needs NVML: pip install nvidia-ml-py (or 'kvcached[gpu]')") from None
+def _pci_bus_id(index: int) -> str:
     from .cuda import _check, _cu, init_driver
 
     init_driver()
     bus_id = _check("cuDeviceGetPCIBusId", _cu.cuDeviceGetPCIBusId(32, index))
-    bus_id = bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
-    pynvml.nvmlInit()
-    return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.strip("\x00"))
+    return (bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)).strip("\x00")
 
 
 def device_memory(device: str) -> tuple[int, int]:
     """(free, total) bytes of `device`: host memory (or its cgroup's) for "cpu", NVML's figures for "cuda:N"."""
-    index = _cuda_index(device)
-    if index is None:
+    parsed = parse_device(device)
+    if not parsed.is_cuda:
         return host_memory()
-    import pynvml
-
-    info = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(index))
-    return int(info.free), int(info.total)
+    gpu = shared_nvml().memory(_pci_bus_id(parsed.index))
+    return gpu.free, gpu.total

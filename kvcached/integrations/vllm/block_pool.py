@@ -30,7 +30,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 from ...config import Config
-from ...manager import KVCacheManager
+from ...opener import open_cache
 from ...pagetable import TableVirtualMemory
 from ...units import format_size
 from . import versions
@@ -70,9 +70,8 @@ class ElasticBlockPool(BlockPool):
         config = Config.from_env()
         self.table = take_table()
         self.vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
-        self.kv = KVCacheManager(
-            plan.geometry(), self.vmm, virtual_bytes=plan.virtual_bytes, config=config, ipc_name=plan.ipc_name,
-        )
+        self.kv = open_cache(plan.geometry(), self.vmm, virtual_bytes=plan.virtual_bytes, config=config,
+                             name=plan.ipc_name)
         assert self.kv.null_block == self.null_block.block_id == 0
         if self.vmm.settle():
             raise RuntimeError("kvcached: the worker could not map the null block's page: the device is out of memory")

@@ -24,9 +24,10 @@ from typing import Any, Optional
 import torch
 
 from ...config import Config
+from ...devices import parse_device
 from ...errors import KVCachedError
 from ...layout import KVGeometry, KVLayout, piece_page_bytes
-from ...shm_segment import start_ticks
+from ...procinfo import start_ticks
 from ...vmm.probe import device_memory, granularity_of
 from . import versions
 
@@ -72,12 +73,12 @@ def plan_of(kv_cache_config: Any) -> ElasticPlan:
 
 
 def device_of(vllm_config: Any) -> str:
+    """"cpu", or "cuda:0": with tensor_parallel_size 1 the worker's GPU is its local device 0."""
     kind = str(vllm_config.device_config.device_type)
-    if kind == "cpu":
-        return "cpu"
-    if kind == "cuda":
-        return "cuda:0"  # tensor_parallel_size 1: the worker's local device 0 (after CUDA_VISIBLE_DEVICES)
-    raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}")
+    try:
+        return str(parse_device(kind))
+    except ValueError:
+        raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}") from None
 
 
 def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> ElasticPlan:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...devices import parse_device
 from ...errors import KVCachedError
 from ...pagetable import PageFollower, PageTable
 from ...vmm import VirtualMemory, open_vmm
@@ -33,7 +34,7 @@ class WorkerKV:
 
     def __init__(self, plan: ElasticPlan, device: torch.device) -> None:
         self.plan, self.size = plan, plan.layout().reserved_bytes
-        self.vmm: VirtualMemory = open_vmm(_device_name(device))
+        self.vmm: VirtualMemory = open_vmm(str(parse_device(torch.device(device))))
         self.base = self.vmm.reserve(self.size)
         self.table = PageTable.attach(plan.table_path)
         self.follower = PageFollower(self.table, self.vmm, self.base,
@@ -137,10 +138,3 @@ def requested_memory(init_snapshot: Any, cache_config: Any) -> int:
     only what is free (KVCACHED_GPU_UTILIZATION), and vLLM's own sizing is skipped (use_placeholder_kv_size)."""
     wanted = math.ceil(init_snapshot.total_memory * cache_config.gpu_memory_utilization)
     return min(wanted, init_snapshot.free_memory)
-
-
-def _device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cpu":
-        return "cpu"
-    return f"cuda:{device.index or 0}"

@@ -1,9 +1,10 @@
-"""The demo's outputs from its JSON: issue 5's checks, the PNG plots and the summary table.
+"""The demo's outputs from its JSON: the checks, the PNG plots and the summary table.
 
 Note (why): everything the demo reports is derived from results.json and samples.json, so a finished (or
-interrupted) run can be re-plotted and re-checked without running anything: `python benchmarks/demo.py --replot DIR`.
+interrupted) run can be re-plotted and re-checked without running anything: `python -m benchmarks.demo --replot DIR`.
 Approach: plain functions over the results dict (config, runs with phases/requests/summaries) and the sample list.
-Limits: the checks are those of issue 5 on experiment 1 plus "every request succeeded"; their thresholds are here.
+Each check has a name (its key in results.json) and a sentence saying what it checks; True is what the demo expects
+to show. Their thresholds are here.
 """
 
 from __future__ import annotations
@@ -11,74 +12,80 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from analysis import add_kv_mapped, returns_to_floor
+from benchmarks.analysis import add_kv_mapped, fmt_bytes, fmt_s, returns_to_floor
+from benchmarks.demo.config import LETTERS, MODES
 
-MODES = ("kvcached", "static")
-LETTERS = ("a", "b", "c")
-GIB, MIB = float(1 << 30), float(1 << 20)
-FLOOR_TOLERANCE = 0.10  # issue 5: "falls back to within 10% of its idle floor"
+FLOOR_TOLERANCE = 0.10  # "falls back to within 10% of its idle floor"
 KV_KEPT = 0.25  # kvcached's KV bytes after a burst: at most idle + 25% of the burst's growth
 HOLDS_PEAK = 0.90  # a static pool "holds its peak" when memory after each burst stays >= 90% of the peak
 
 
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n >= GIB:
-        return f"{sign}{n / GIB:.2f}G"
-    return f"{sign}{n / MIB:.0f}M"
+def mem_key(results: dict) -> str:
+    """The samples' field the memory figures are of (harness.Harness.memory_key)."""
+    return results.get("memory_key") or ("gpu_used" if str(results["config"]["device"]).startswith("cuda") else "rss")
 
 
-def fmt_s(x: Optional[float]) -> str:
-    return "-" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}")
+def _check(name: str, what: str, passed: Optional[bool]) -> dict:
+    return {"name": name, "what": what, "passed": passed}
 
 
-def mem_key(config: dict) -> str:
-    return "gpu_used" if str(config["device"]).startswith("cuda") else "rss"
-
-
-def compute_checks(results: dict) -> dict:
-    """Issue 5's check on experiment 1: kvcached's memory after each burst is within 10% of its idle floor; the
-    baseline's is not (the floor being kvcached's idle memory: the same engine holding no KV); every request ok."""
+def compute_checks(results: dict) -> list[dict]:
+    """The demo's claims on experiment 1 (the floor being kvcached's idle memory: the same engine holding no KV),
+    and that every request of every run succeeded. `passed` is None where a run needed for it is missing."""
     runs = results["runs"]
-    c: dict = {}
+    checks = []
     k, s = runs.get("exp1/kvcached"), runs.get("exp1/static")
     floor = None
     if k:
         mk = k["summary"]["memory"][k["servers"][0]]
         floor = mk["idle"]
-        c["exp1_kvcached_returns_to_floor"] = returns_to_floor(mk["after"], floor, FLOOR_TOLERANCE)
-        if k["summary"]["kv"]:
-            kv = k["summary"]["kv"][k["servers"][0]]
+        checks.append(_check(
+            "kvcached_memory_back_to_idle_after_each_burst",
+            f"with kvcached, the engine's memory after each burst is within {FLOOR_TOLERANCE:.0%} of its idle level",
+            returns_to_floor(mk["after"], floor, FLOOR_TOLERANCE)))
+        kv = k["summary"]["kv"].get(k["servers"][0])
+        if kv:
+            checks.append(_check(
+                "kvcached_kv_grows_during_bursts", "kvcached's KV bytes (registry) grow during the bursts",
+                bool(kv["peak"] and kv["idle"] is not None and kv["peak"] > kv["idle"])))
             # KV bytes start near 0: judged by the share of each burst's growth given back (prefix caching may keep
             # a bounded remainder, KVCACHED_MAX_CACHED_TOKENS)
-            c["exp1_kvcached_kv_released_75pct"] = (
+            checks.append(_check(
+                "kvcached_kv_given_back_after_each_burst",
+                f"after each burst kvcached holds at most {KV_KEPT:.0%} of the KV bytes the burst added",
                 all(a is not None and a <= kv["idle"] + KV_KEPT * kv["flex"] for a in kv["after"])
-                if kv["idle"] is not None and kv["flex"] else None)
-            c["exp1_kvcached_kv_grew"] = bool(kv["peak"] and kv["idle"] is not None and kv["peak"] > kv["idle"])
+                if kv["idle"] is not None and kv["flex"] else None))
     if s:
         ms = s["summary"]["memory"][s["servers"][0]]
-        c["exp1_static_holds_peak"] = (all(a is not None and a >= HOLDS_PEAK * ms["peak"] for a in ms["after"])
-                                       if ms["peak"] else None)
+        checks.append(_check(
+            "static_pool_holds_its_peak",
+            f"the static pool's engine keeps >= {HOLDS_PEAK:.0%} of its peak memory after each burst",
+            all(a is not None and a >= HOLDS_PEAK * ms["peak"] for a in ms["after"]) if ms["peak"] else None))
         if floor is not None:
-            c["exp1_static_returns_to_floor"] = returns_to_floor(ms["after"], floor, FLOOR_TOLERANCE)
+            back = returns_to_floor(ms["after"], floor, FLOOR_TOLERANCE)
+            checks.append(_check(
+                "static_pool_stays_above_kvcached_idle",
+                f"the static pool's engine stays more than {FLOOR_TOLERANCE:.0%} above kvcached's idle memory "
+                f"after each burst", None if back is None else not back))
     reqs = [r for run in runs.values() for r in run["requests"]]
-    c["requests"] = len(reqs)
-    c["all_requests_ok"] = bool(reqs) and all(r["ok"] for r in reqs)
-    c["failed_requests"] = [f"{r['target']} {r['phase']}: {r['error']}" for r in reqs if not r["ok"]][:10]
-    return c
+    checks.append(_check("every_request_succeeded", f"every request of every run succeeded ({len(reqs)} requests)",
+                         bool(reqs) and all(r["ok"] for r in reqs)))
+    return checks
+
+
+def failed_requests(results: dict, most: int = 10) -> list[str]:
+    reqs = [r for run in results["runs"].values() for r in run["requests"]]
+    return [f"{r['target']} {r['phase']}: {r['error']}" for r in reqs if not r["ok"]][:most]
 
 
 def make_plots(results: dict, samples: list[dict], out_dir: str) -> list[str]:
     """Write the PNGs that the data allow; returns their paths."""
-    import plots  # matplotlib only when plotting
+    from benchmarks.demo import plots  # matplotlib only when plotting
 
     cfg = results["config"]
     add_kv_mapped(samples)
     runs = results["runs"]
-    key = mem_key(cfg)
+    key = mem_key(results)
     model = os.path.basename(cfg["model"].rstrip("/"))
     written = []
 
@@ -91,8 +98,9 @@ def make_plots(results: dict, samples: list[dict], out_dir: str) -> list[str]:
     if e1:
         plots.plot_memory_single(
             e1, samples, key, out("memory_exp1.png"),
-            f"Experiment 1: bursty single model ({cfg['bursts']} bursts x {cfg['concurrency']} requests x "
-            f"{cfg['max_tokens']} tokens), {model} on {cfg['device']}",
+            f"Experiment 1: bursty single model ({cfg['bursts']} bursts x {cfg['concurrency']} requests, "
+            f"~{cfg.get('context_tokens', 0) + 40} prompt + {cfg['max_tokens']} output tokens), "
+            f"{model} on {cfg['device']}",
             static_pool=cfg["static_pool"] if "static" in e1 else None)
     e2 = {m: runs[f"exp2/{m}"] for m in MODES if f"exp2/{m}" in runs}
     fit = results.get("experiment2_static_fit")
@@ -142,9 +150,10 @@ def make_plots(results: dict, samples: list[dict], out_dir: str) -> list[str]:
 def summary_table(results: dict) -> str:
     cfg = results["config"]
     runs = results["runs"]
-    key = mem_key(cfg)
+    key = mem_key(results)
     lines = []
-    mem_name = {"rss": "RSS of the engine processes", "gpu_used": "GPU memory of the engine processes"}[key]
+    mem_name = {"rss": "RSS of the engine processes", "gpu_used": "GPU memory of the engine processes (NVML)",
+                "gpu_device_used": "GPU memory used on the whole device (NVML)"}[key]
     lines.append(f"kvcached demo: {os.path.basename(cfg['model'].rstrip('/'))} on {cfg['device']} ({cfg['dtype']}); "
                  f"memory = {mem_name}; wall time {results.get('wall_s')}s")
     hdr = (f"  {'mode':<9} {'server':<9} {'idle':>7} {'peak':>7} {'after release (each burst)':<28} {'flex':>7} "
@@ -181,7 +190,8 @@ def summary_table(results: dict) -> str:
                     lines.append(f"  {'':<9} {'KV mapped':<9} {fmt_bytes(kv['idle']):>7} {fmt_bytes(kv['peak']):>7} "
                                  f"{after:<28} {fmt_bytes(kv['flex']):>7}   (kvcached registry: used + premapped)")
             if m == "static" and exp in (1, 2):
-                pool = fmt_bytes(cfg["static_pool"]) if cfg["static_pool"] else "vLLM-sized"
+                pool = (fmt_bytes(cfg["static_pool"]) if cfg["static_pool"]
+                        else f"vLLM-sized within {cfg.get('gpu_share')} of the GPU")
                 lines.append(f"  {'':<9} {'KV pool':<9} static, {pool} per instance, held the whole time")
             if exp == 3:
                 lat = summ["latency"]
@@ -201,8 +211,11 @@ def summary_table(results: dict) -> str:
                 if k["ttft_mean"] and s["ttft_mean"] and k["ttft_p99"] and s["ttft_p99"]:
                     lines.append(f"  static / kvcached TTFT: mean {s['ttft_mean'] / k['ttft_mean']:.1f}x, "
                                  f"p99 {s['ttft_p99'] / k['ttft_p99']:.1f}x")
-    c = results.get("checks") or {}
-    lines += ["", "Checks (issue 5): " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "failed_requests")]
-    if c.get("failed_requests"):
-        lines.append("  failed: " + "; ".join(c["failed_requests"]))
+    checks = results.get("checks") or []
+    if checks:
+        lines += ["", "Checks"]
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}
+        lines += [f"  {mark[c['passed']]}  {c['what']}" for c in checks]
+    if results.get("failed_requests"):
+        lines.append("  failed: " + "; ".join(results["failed_requests"]))
     return "\n".join(lines)

@@ -17,10 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from analysis import series  # noqa: E402
-
-GIB = float(1 << 30)
-MIB = float(1 << 20)
+from benchmarks.analysis import GIB, MIB, series  # noqa: E402
 MODE_COLOR = {"kvcached": "#1f77b4", "static": "#ff7f0e"}
 MODE_STYLE = {"kvcached": "-", "static": "--"}
 MODE_LABEL = {"kvcached": "kvcached", "static": "static pool (vLLM)"}
@@ -241,4 +238,5 @@ def plot_ttft_bars(rows: list[tuple[str, dict[str, dict]]], path: str, title: st
 
 def _ylabel(key: str) -> str:
     return {"rss": "engine processes' RSS (GiB)", "pss": "engine processes' PSS (GiB)",
-            "gpu_used": "GPU memory of the engine processes (GiB)"}.get(key, key)
+            "gpu_used": "GPU memory of the engine processes (GiB)",
+            "gpu_device_used": "GPU memory used on the device (GiB)"}.get(key, key)
