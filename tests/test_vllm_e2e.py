@@ -1,8 +1,9 @@
 """kvcached in real vLLM (CPU build) with a real model: outputs, memory that follows load, limits, prefix caching.
 
 Needs the vLLM CPU venv and the SmolLM2 model (scripts/test.sh sets both up); marker `vllm`. KV memory is read two
-ways: the registry's used bytes (what kvcached decided) and the resident bytes of the worker's KV reservation in
-/proc/<worker>/smaps (what the OS holds), the latter exact where whole-process RSS is blurred by the allocator.
+ways: the registry's used bytes (what kvcached decided) and what the OS holds in the worker's KV reservation, the
+latter exact where whole-process RSS is blurred by the allocator: resident bytes from /proc/<worker>/smaps, and, where
+a limit must hold at every instant, the pages mapped there, read every fraction of a millisecond (`held_pages`).
 """
 
 from __future__ import annotations
