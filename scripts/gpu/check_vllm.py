@@ -8,7 +8,8 @@ kvcached is installed into the machine's Python (its start-up hook is a .pth, wh
     python scripts/gpu/check_vllm.py server            # ~6 min: OpenAI server, tokens + NVML memory per process
     python scripts/gpu/check_vllm.py race              # ~7 min: two servers whose bursts exceed the GPU
 
-Each part writes $OUT/check_vllm_<part>.json (and the servers' logs under $OUT/logs/), prints progress, and exits 1 if
+Each part stays under 10 minutes (requests time out after 300 s, a server start after 300 s), writes
+$OUT/check_vllm_<part>.json (and the servers' logs under $OUT/logs/), prints progress, and exits 1 if
 a check failed. vLLM runs with its GPU defaults (CUDA graphs, async scheduling, prefix caching); kvcached is turned on
 by ENABLE_KVCACHED=true KVCACHED_AUTOPATCH=1 alone. Models: random-weight Llamas made by /tmp/vc/vllm_gpu_model.py
 (greedy outputs are deterministic): 4 layers for `tokens` and `server`, Llama-3.1-8B-shaped for `race`.
@@ -60,7 +61,7 @@ def check_hook() -> None:
     import site
 
     here = open(os.path.join(os.path.dirname(__file__), "..", "..", "kvcached_autopatch.pth")).read()
-    for folder in site.getsitepackages():
+    for folder in site.getsitepackages() + [site.getusersitepackages()]:
         path = os.path.join(folder, "kvcached_autopatch.pth")
         if os.path.exists(path) and open(path).read() == here:
             return
@@ -113,45 +114,48 @@ def peak(samples: list[dict]) -> dict:
 # ---- offline LLM ------------------------------------------------------------------------------------------------------
 
 def offline_child(args) -> None:
-    """In its own process (kvcached on or off for the whole process): greedy ids, eager then CUDA graphs."""
+    """In its own process (kvcached on or off for the whole process): greedy ids of one engine, eager or CUDA graphs."""
     from vllm import LLM, SamplingParams
 
-    result = {}
-    for mode, eager in (("eager", True), ("graphs", False)):
-        llm = LLM(model=args.model, enforce_eager=eager, max_model_len=2048, seed=0, generation_config="vllm")
-        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-        result[mode] = [list(o.outputs[0].token_ids) for o in outputs]
-        llm.llm_engine.engine_core.shutdown()  # the engine core process holds the GPU memory
-        del llm
-        print(f"[offline {'kvcached' if args.kvcached else 'vanilla'}] {mode} done", flush=True)
+    llm = LLM(model=args.model, enforce_eager=args.eager, max_model_len=2048, seed=0, generation_config="vllm")
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     with open(args.out, "w") as f:
-        json.dump(result, f)
+        json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
+    llm.llm_engine.engine_core.shutdown()  # the engine core process holds the GPU memory
 
 
 def part_tokens(gpu: Gpu) -> dict:
     small = model(SMALL)
-    log(f"model {small}; offline runs, vanilla then kvcached (4 engine starts)")
-    runs = {}
+    log(f"model {small}; offline runs one after the other (4 engine starts)")
+    baseline, tokens, logs = gpu.snapshot()["used"], {}, {}
     for name in ("vanilla", "kvcached"):
-        out = os.path.join(OUT, f"offline_{name}.json")
-        argv = [sys.executable, __file__, "offline-child", "--model", small, "--out", out]
-        logpath = os.path.join(OUT, "logs", f"offline_{name}.log")
-        proc = subprocess.Popen(argv + (["--kvcached"] if name == "kvcached" else []),
-                                env=env(name == "kvcached", f"offline-{name}"), stdout=open(logpath, "w"),
-                                stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(15)
-            log(f"offline {name} running; last line: {tail(logpath, 1)}")
-        log(f"offline {name} exited {proc.returncode}")
-        runs[name] = (proc, out, logpath)
-    tokens = {name: json.load(open(out)) if os.path.exists(out) else None for name, (_, out, _) in runs.items()}
-    active = "kvcached is active" in open(runs["kvcached"][2]).read()
-    checks = {"kvcached_active": active, "vanilla_ran": tokens["vanilla"] is not None,
-              "kvcached_ran": tokens["kvcached"] is not None}
+        for mode in ("eager", "graphs"):
+            run = f"offline_{name}_{mode}"
+            out, logs[run] = os.path.join(OUT, f"{run}.json"), os.path.join(OUT, "logs", f"{run}.log")
+            argv = [sys.executable, __file__, "offline-child", "--model", small, "--out", out]
+            argv += (["--kvcached"] if name == "kvcached" else []) + (["--eager"] if mode == "eager" else [])
+            wait_for_memory(gpu, baseline)
+            proc = subprocess.Popen(argv, env=env(name == "kvcached", run), stdout=open(logs[run], "w"),
+                                    stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                time.sleep(15)
+                log(f"{run} running: {tail(logs[run], 1)}")
+            tokens[run] = json.load(open(out)) if os.path.exists(out) else None
+            log(f"{run} exited {proc.returncode}, {'with' if tokens[run] else 'WITHOUT'} tokens")
+    checks = {"all_ran": all(tokens.values()),
+              "kvcached_active": all("kvcached is active" in open(logs[f"offline_kvcached_{m}"]).read()
+                                     for m in ("eager", "graphs"))}
     for mode in ("eager", "graphs"):
-        if tokens["vanilla"] and tokens["kvcached"]:
-            checks[f"identical_{mode}"] = tokens["vanilla"][mode] == tokens["kvcached"][mode]
-    return {"checks": checks, "tokens": tokens, "errors_in_logs": {n: errors(r[2]) for n, r in runs.items()}}
+        checks[f"identical_{mode}"] = bool(tokens[f"offline_vanilla_{mode}"]) and (
+            tokens[f"offline_vanilla_{mode}"] == tokens[f"offline_kvcached_{mode}"])
+    return {"checks": checks, "tokens": tokens, "errors_in_logs": {run: errors(path) for run, path in logs.items()}}
+
+
+def wait_for_memory(gpu: Gpu, baseline: int, timeout_s: float = 120) -> None:
+    """Until the device's used memory is back near `baseline` (a stopped engine's memory is freed as it exits)."""
+    deadline = time.monotonic() + timeout_s
+    while gpu.snapshot()["used"] > baseline + (1 << 30) and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 # ---- servers ----------------------------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ class Server:
         self.proc = subprocess.Popen(argv, env=env(kvcached, name, KVCACHED_IPC_NAME=name, **extra_env),
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, timeout_s: float = 420) -> float:
+    def wait_ready(self, timeout_s: float = 300) -> float:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
@@ -182,7 +186,7 @@ class Server:
                 log(f"{self.name} starting ({time.monotonic() - started:.0f} s): {tail(self.log_path, 1)}")
         raise RuntimeError(f"{self.name} not ready in {timeout_s} s: {tail(self.log_path, 5)}")
 
-    def complete(self, prompt: str, max_tokens: int, timeout: float = 900) -> dict:
+    def complete(self, prompt: str, max_tokens: int, timeout: float = 300) -> dict:
         body = json.dumps({"model": self.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                            "ignore_eos": True, "return_token_ids": True}).encode()
         request = urllib.request.Request(self.url + "/v1/completions", body, {"Content-Type": "application/json"})
@@ -229,9 +233,10 @@ def of(snapshot: dict, pids: list[str], baseline: int) -> int:
 
 def part_server(gpu: Gpu) -> dict:
     small, result = model(SMALL), {}
+    baseline = gpu.snapshot()["used"]
     for name, kvcached in (("vanilla", False), ("kvcached", True)):
         log(f"{name} server: starting with vLLM's GPU defaults")
-        baseline = gpu.snapshot()["used"]
+        wait_for_memory(gpu, baseline)
         server = Server(f"server-{name}", small, 8410 if kvcached else 8411, kvcached)
         try:
             ready_s = server.wait_ready()
@@ -283,6 +288,7 @@ def part_race(gpu: Gpu) -> dict:
         after = gpu.snapshot()
         alive = [s.proc.poll() is None for s in servers]
         logs = [open(s.log_path).read() for s in servers]
+        errs = [errors(s.log_path) for s in servers]  # before stopping: shutdown may print tracebacks
     finally:
         for s in servers:
             s.stop()
@@ -290,7 +296,7 @@ def part_race(gpu: Gpu) -> dict:
     checks = {
         "both_bursts_complete": all(t == max_tokens for d in done for t in d),
         "both_servers_alive": all(alive),
-        "no_errors_in_logs": not any(errors(s.log_path) for s in servers),
+        "no_errors_in_logs": not any(errs),
         "demand_exceeds_free_memory": demand > gpu.total - idle["used"],
     }
     return {"checks": checks, "ready_s": ready, "completion_tokens": done, "device_total": gpu.total,
@@ -298,7 +304,7 @@ def part_race(gpu: Gpu) -> dict:
             "memory": {s.name: {"idle": of(idle, p, baseline), "peak": of(top, p, baseline),
                                 "after": of(after, p, baseline)} for s, p in zip(servers, pids)},
             "device_peak": top["used"],
-            "pages_not_mapped_warnings": [log_text.count("could not be mapped") for log_text in logs],
+            "pages_not_mapped_warnings": [log_text.count("could not be mapped") for log_text in logs], "errors": errs,
             "samples": samples[::5]}
 
 
@@ -322,6 +328,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--out")
     parser.add_argument("--kvcached", action="store_true")
+    parser.add_argument("--eager", action="store_true")
     args = parser.parse_args()
     if args.part == "offline-child":
         return offline_child(args)
