@@ -257,14 +257,14 @@ def test_kv_memory_follows_a_burst_and_returns_to_the_floor_within_2_s(pair):
     server = pair[0]
     name = server.spec.name
     floor = PAGE * (1 + 2)  # the null block's page + at most 2 pages of cached prefix blocks
-    wait_for(lambda: record(name).used_bytes + record(name).premapped_bytes <= floor, 5, lambda: kv_state(server))
+    wait_for(lambda: record(name).mapped_bytes <= floor, 5, lambda: kv_state(server))
     idle_resident = kv_resident_bytes(server)
     assert idle_resident <= floor
     with Sampler(lambda: record(name).used_bytes) as registry, Sampler(lambda: kv_resident_bytes(server)) as resident:
         results = burst(server, 8)
     assert all(r["usage"]["completion_tokens"] == 48 for r in results)
     assert registry.peak >= 12 * PAGE and resident.peak >= 12 * PAGE  # 8 requests of 450 + 48 tokens: 4 blocks each
-    back = wait_for(lambda: record(name).used_bytes + record(name).premapped_bytes <= floor
+    back = wait_for(lambda: record(name).mapped_bytes <= floor
                     and kv_resident_bytes(server) <= floor, timeout=2.0, state=lambda: kv_state(server))
     print(f"\nKV floor {floor >> 20} MiB; peak registry {registry.peak >> 20} MiB, resident {resident.peak >> 20} MiB; "
           f"back at the floor {back:.2f} s after the burst")
@@ -288,7 +288,7 @@ def test_kvctl_limit_caps_one_instance_during_a_burst_and_spares_the_other(pair)
     subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", b.spec.name, str(limit)], check=True)
     wait_for(lambda: record(b.spec.name).limit_bytes == limit, timeout=1.0)
     try:
-        with Sampler(lambda: record(b.spec.name).used_bytes + record(b.spec.name).premapped_bytes) as mapped, \
+        with Sampler(lambda: record(b.spec.name).mapped_bytes) as mapped, \
                 Sampler(held_pages(b), period_s=0.0002) as held:
             with ThreadPoolExecutor(2) as pool:
                 limited, free = pool.map(lambda s: burst(s, 8, 32, first=200), (b, a))
@@ -317,7 +317,7 @@ def test_prefix_caching_hits_and_idle_memory_stays_under_the_bound(pair):
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
     assert hits() - before >= 256  # the second request reused at least two full 128-token blocks
     bound = PAGE * (1 + 2)
-    wait_for(lambda: record(server.spec.name).used_bytes + record(server.spec.name).premapped_bytes <= bound, 2.0)
+    wait_for(lambda: record(server.spec.name).mapped_bytes <= bound, 2.0)
     assert kv_resident_bytes(server) <= bound
 
 

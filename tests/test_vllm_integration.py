@@ -102,6 +102,16 @@ def test_a_full_pool_evicts_the_cached_blocks_of_a_cache_only_page_before_older_
     assert pool.kv.memory_stats().used_bytes == PAGE and pool.kv.memory_stats().premapped_bytes == 0
 
 
+def test_an_admission_check_holds_nothing_and_counts_what_could_be_mapped(pool):
+    with pool.step():
+        pool.expect(100, admission=True)  # will a 100-block prompt fit? (vLLM then compares with the answer)
+        assert pool.get_num_free_blocks() == 3 + 2 * 4  # page 0's 3 free blocks, and 2 more pages under the limit
+        assert pool.kv.num_allocated() == 1  # the null block only: nothing held
+        pool.expect(2)  # the first chunk's blocks: held, so promised
+        assert pool.get_num_free_blocks() == 2 and pool.kv.num_allocated() == 3
+    assert pool.kv.num_allocated() == 1  # the step is over: held blocks went back
+
+
 def test_a_pool_whose_worker_is_out_of_memory_promises_nothing_and_raises_nothing(tmp_path, monkeypatch):
     children = []
 

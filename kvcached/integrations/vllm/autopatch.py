@@ -89,7 +89,7 @@ def _patch_coordinator(module: ModuleType) -> None:
     def get_num_blocks_to_allocate(self, *args, **kwargs):
         count = original(self, *args, **kwargs)
         if isinstance(self.block_pool, ElasticBlockPool):
-            self.block_pool.expect(count)
+            self.block_pool.expect(count, admission=bool(kwargs.get("apply_admission_cap")))
         return count
 
     module.KVCacheCoordinator.get_num_blocks_to_allocate = get_num_blocks_to_allocate

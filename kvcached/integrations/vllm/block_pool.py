@@ -15,8 +15,9 @@ last pages) must not be promised. So during a scheduling step the answer counts 
 says how many blocks it needs (the coordinator's get_num_blocks_to_allocate, patched in autopatch.py, calls
 `expect(n)`), the pool takes them from the manager and waits for the worker to answer that their pages are mapped
 (kvcached/pagetable.py); pages it could not map go back, and the answer is short: vLLM waits or preempts, as with a
-full static pool. Held blocks it did not take go back to the manager at the end of the step. The limit cannot change
-within a step either: the scheduler holds the manager's limit lock across it.
+full static pool. Held blocks it did not take go back to the manager at the end of the step. vLLM's admission check
+(will a new request's whole prompt fit?) promises nothing and is answered from what could still be mapped. The limit
+cannot change within a step either: the scheduler holds the manager's limit lock across it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ElasticBlockPool(BlockPool):
             raise RuntimeError("kvcached: the worker could not map the null block's page: the device is out of memory")
         self._watchers = versions.running().pool_reuse_watchers
         self._held: list[int] = []  # blocks taken from the manager, mapped, promised to vLLM in this step
-        self._in_step = False
+        self._in_step = self._admission = False
         self._warned_at = float("-inf")
         self.blocks = _Blocks(self, self.null_block)
         self.free_block_queue = None  # vLLM's queue is replaced by the manager and `_cached`; any use is a bug
@@ -95,9 +96,10 @@ class ElasticBlockPool(BlockPool):
     # ---- what vLLM asks ----------------------------------------------------------------------------------------
 
     def get_num_free_blocks(self) -> int:
-        if self._in_step:  # a promise (see the Note): blocks held, and cached blocks (mapped, evictable)
+        if self._in_step and not self._admission:  # a promise (see the Note): held and cached blocks, all mapped
             return len(self._held) + len(self._cached)
-        return self.kv.available_size() + len(self._cached)
+        self._admission = False  # "would it fit?", or a figure for statistics: what could still be mapped too
+        return len(self._held) + len(self._cached) + self.kv.available_size()
 
     def get_usage(self) -> float:
         total = self._in_use() + self.get_num_free_blocks()
@@ -107,9 +109,13 @@ class ElasticBlockPool(BlockPool):
         """Around one scheduling step (autopatch.py): promises only what is held; held blocks go back after."""
         return _Step(self)
 
-    def expect(self, num_blocks: int) -> None:
-        """vLLM is about to check that `num_blocks` are free (see the Note): hold them, when memory allows."""
-        if self._in_step:
+    def expect(self, num_blocks: int, admission: bool = False) -> None:
+        """vLLM is about to check that `num_blocks` are free (see the Note): hold them, when memory allows. An
+        admission check (will a new request's whole prompt fit, later chunks included?) holds nothing: it is answered
+        from what could still be mapped, and each chunk's blocks are then promised as they are allocated."""
+        if self._in_step and admission:
+            self._admission = True
+        elif self._in_step:
             self._hold_up_to(num_blocks)
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
