@@ -1,7 +1,7 @@
 """Installs kvcached_autopatch.pth into site-packages, for regular and editable installs alike.
 
 Everything else is in pyproject.toml. The .pth line runs in every Python process of the environment; it only imports
-kvcached when ENABLE_KVCACHED or KVCACHED_AUTOPATCH is set (see kvcached/startup.py).
+kvcached when ENABLE_KVCACHED or KVCACHED_AUTOPATCH is set (see kvcached/integrations/startup.py).
 """
 
 import os

@@ -1,67 +1,115 @@
-"""A shared-memory page table: one process decides which pages are wanted, another maps them.
+"""A shared-memory page table: one process decides which pages are wanted, another maps them and says how it went.
 
 Note: in vLLM the block pool (scheduler) and the KV tensors (worker) live in different processes. Rather than send
 map/unmap orders over a side channel, the scheduler's page allocator writes one byte per page ("wanted") into a small
 shared-memory file through `TableVirtualMemory`, a VirtualMemory whose map/unmap only flip those bytes. The worker
-runs a `PageFollower`: a thread that makes the real mappings follow the table a few milliseconds later (so premapped
-pages are mapped ahead, off the engine's thread), and a check before every step that maps whatever the step needs and
-is still missing. Unmapping happens only between steps (the follower takes the step lock), and only for pages still
+runs a `PageFollower`: a thread, woken through a FIFO next to the table, that makes the real mappings follow the table
+(so premapped pages are mapped ahead, off the engine's thread), and a check before every step that maps whatever is
+still missing. Unmapping happens only between steps (the follower takes the step lock), and only for pages still
 unwanted at that moment, so a page the scheduler wants again is never taken away under a running step. An idle engine
 sends no steps, yet its pages are still released: the follower thread needs none.
 
-Limits: one scheduler and one worker per table (tensor_parallel_size 1); the scheduler's accounting runs ahead of the
-worker's mappings by the follower's poll interval.
+Note [a promise is only made for memory the worker holds]: when two engines race for a GPU's last memory, the
+scheduler may decide to map a page that the worker then cannot get (CUDA out of memory). So the worker answers every
+request: each `map` bumps that page's request number, and the follower writes back, per page, the last request it
+answered and whether the page is mapped or failed (it never raises for lack of memory). `TableVirtualMemory.settle()`
+waits for every wanted page's answer and names the pages that failed: the block pool promises blocks to vLLM only
+after that (integrations/vllm/block_pool.py), and gives failed pages back instead, so vLLM waits as with a full pool.
+
+Note [the worker never holds more than the table wants]: the scheduler's page allocator keeps the wanted pages under
+the limit at every instant (it marks a page unwanted before it lets another page be wanted in its place), so the
+worker stays under the limit if it never holds more pages than the table wants at that moment. Two things broke that
+before (tests/test_vllm_e2e.py caught the worker's resident KV one partly populated page over the limit):
+  1. A step held a page the scheduler had just released (its unmap waits for the step to end), while the follower
+     thread went on mapping newly wanted pages: old page + new page, one page over, until the step ended.
+  2. A follower pass read the table twice, once to unmap and once to map: a page released between the two reads was
+     kept while the page wanted in its place was mapped.
+So each pass works from one consistent snapshot of the table (`PageTable.snapshot`), unmaps what it may, and maps
+only while the pages it holds number fewer than the snapshot wants: a page still held by a running step keeps the
+page wanted in its place waiting until the step ends (the running step cannot need it: it was scheduled before).
+
+Limits: one scheduler and one worker per table (tensor_parallel_size 1). The snapshot and the answers rely on stores
+reaching other processes in order (x86-64's memory model).
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
+import select
+import stat
 import struct
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from .errors import KVCachedError
+from .errors import DriverError, KVCachedError
 from .vmm import VirtualMemory
 from .vmm.probe import device_memory
 
-_MAGIC = b"KVCPAGE1"
-_HEADER = struct.Struct("<8sIIQQI")  # magic, version, num_pages, page_bytes, change counter, meta length
+_MAGIC = b"KVCPAGES"
+_VERSION = 3
+_HEADER = struct.Struct("<8sIIQQ")  # magic, version, num_pages, page_bytes, change counter
 _COUNTER_AT = 24
-_META_AT = 64
-_META_MAX = 4096
-POLL_S = 0.005
+_ARRAYS_AT = 64
+POLL_S = 0.005  # the follower's fallback poll; a write to the wake FIFO wakes it at once
+ANSWER_TIMEOUT_S = 60.0  # a worker that answers nothing for this long is stuck or dead
+MAPPED, FAILED = 1, 2
+
+
+def _layout(num_pages: int) -> dict[str, tuple[int, type]]:
+    """Offsets of the arrays after the header: the scheduler writes `wanted` and `request`, the worker `answered`
+    (the request number it last answered) and `state` (MAPPED or FAILED)."""
+    offsets, at = {}, _ARRAYS_AT
+    for name, dtype in (("request", np.uint32), ("answered", np.uint32), ("wanted", np.uint8), ("state", np.uint8)):
+        offsets[name] = (at, dtype)
+        at += -(-num_pages * np.dtype(dtype).itemsize // 8) * 8
+    offsets["end"] = (at, np.uint8)
+    return offsets
+
+
+class Snapshot(NamedTuple):
+    wanted: np.ndarray
+    request: np.ndarray
 
 
 class PageTable:
-    """The wanted-bytes file. Create it in the deciding process; attach to it in the mapping process."""
+    """The table file and its wake FIFO. Create them in the deciding process; attach in the mapping process."""
 
     def __init__(self, path: str, fd: int, owner: bool) -> None:
         self.path, self._owner = path, owner
-        size = os.fstat(fd).st_size
-        self._mm = mmap.mmap(fd, size)
-        os.close(fd)
-        magic, version, self.num_pages, self.page_bytes, _, meta_len = _HEADER.unpack_from(self._mm, 0)
-        if magic != _MAGIC or version != 1:
-            raise KVCachedError(f"{path} is not a kvcached page table")
-        self.meta: dict = json.loads(bytes(self._mm[_META_AT : _META_AT + meta_len]))
-        self.wanted = np.frombuffer(self._mm, dtype=np.uint8, count=self.num_pages, offset=_META_AT + _META_MAX)
+        try:
+            size = os.fstat(fd).st_size
+            header = os.pread(fd, _HEADER.size, 0)
+            magic, version, self.num_pages, self.page_bytes, _ = (
+                _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0, 0, 0))
+            layout = _layout(self.num_pages)
+            if magic != _MAGIC or version != _VERSION or size != layout["end"][0]:
+                raise KVCachedError(f"{path} is not a kvcached page table (version {_VERSION})")
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        for name in ("request", "answered", "wanted", "state"):
+            offset, dtype = layout[name]
+            setattr(self, name, np.frombuffer(self._mm, dtype=dtype, count=self.num_pages, offset=offset))
+        # Read and write ends in one descriptor: writes never block or fail for want of a reader, and a reader never
+        # sees end-of-file (which select would report as readable forever).
+        self.wake_fd = os.open(path + ".wake", os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+        wake = os.fstat(self.wake_fd)
+        if not stat.S_ISFIFO(wake.st_mode) or wake.st_uid != os.geteuid():
+            os.close(self.wake_fd)
+            raise KVCachedError(f"{path}.wake is not this user's FIFO; refusing to use it")
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, path: str, num_pages: int, page_bytes: int, meta: dict) -> "PageTable":
-        encoded = json.dumps(meta).encode()
-        if len(encoded) > _META_MAX:
-            raise ValueError(f"page table metadata is {len(encoded)} bytes, more than {_META_MAX}")
+    def create(cls, path: str, num_pages: int, page_bytes: int) -> "PageTable":
+        os.mkfifo(path + ".wake", 0o600)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.ftruncate(fd, _META_AT + _META_MAX + num_pages)
-        os.pwrite(fd, _HEADER.pack(_MAGIC, 1, num_pages, page_bytes, 0, len(encoded)), 0)
-        os.pwrite(fd, encoded, _META_AT)
+        os.ftruncate(fd, _layout(num_pages)["end"][0])
+        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, num_pages, page_bytes, 0), 0)
         return cls(path, fd, owner=True)
 
     @classmethod
@@ -76,24 +124,53 @@ class PageTable:
     def changes(self) -> int:
         return struct.unpack_from("<Q", self._mm, _COUNTER_AT)[0]
 
-    def set_wanted(self, page: int, wanted: bool) -> None:
-        with self._lock:  # byte first, then the counter: a follower that sees the new count sees the byte
-            self.wanted[page] = 1 if wanted else 0
-            struct.pack_into("<Q", self._mm, _COUNTER_AT, self.changes + 1)
+    def snapshot(self) -> Snapshot:
+        """What the scheduler wanted at one moment (see the Note): copies taken between two equal readings of the
+        change counter. The writer stores the bytes before it bumps the counter, so an equal pair means the copies
+        saw every change before the first reading and at most the one change in progress: a state the table was in."""
+        while True:
+            before = self.changes
+            shot = Snapshot(self.wanted.copy(), self.request.copy())
+            if self.changes == before:
+                return shot
 
-    def unlink(self) -> None:
-        """Remove the file once every process has it mapped: nothing is left behind, even after kill -9."""
+    def set_wanted(self, page: int, wanted: bool) -> int:
+        """Mark a page (un)wanted and wake the follower; returns the page's request number."""
+        with self._lock:
+            if wanted:
+                self.request[page] += 1
+            self.wanted[page] = 1 if wanted else 0
+            struct.pack_into("<Q", self._mm, _COUNTER_AT, self.changes + 1)  # after the bytes: see snapshot()
+            self.wake()
+            return int(self.request[page])
+
+    def answer(self, page: int, request: int, state: int) -> None:
+        """The follower's answer to a page's request number: MAPPED or FAILED (state first, then the number)."""
+        self.state[page] = state
+        self.answered[page] = request
+
+    def wake(self) -> None:
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
+            os.write(self.wake_fd, b"!")
+        except BlockingIOError:  # the FIFO is full of wake-ups not yet read: the follower is awake anyway
             pass
 
+    def unlink(self) -> None:
+        """Remove the files once every process has them open: nothing is left behind, even after kill -9."""
+        for path in (self.path, self.path + ".wake"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def close(self) -> None:
-        self.wanted = None  # release the numpy view before the mapping
+        for name in ("request", "answered", "wanted", "state"):
+            setattr(self, name, None)  # release the numpy views before the mapping
         try:
             self._mm.close()
         except BufferError:  # a view is still alive somewhere; the OS frees it at exit
             pass
+        os.close(self.wake_fd)
         if self._owner:
             self.unlink()
 
@@ -115,6 +192,19 @@ class TableVirtualMemory(VirtualMemory):
 
     def unmap(self, address: int, size: int) -> None:
         self.table.set_wanted(self._page(address, size), False)
+
+    def settle(self, timeout_s: float = ANSWER_TIMEOUT_S) -> list[int]:
+        """Wait until the worker has answered every wanted page; returns the pages it could not map (see the Note).
+
+        Raises DriverError when the worker answers nothing for `timeout_s` (it is stuck or dead)."""
+        table, deadline = self.table, time.monotonic() + timeout_s
+        while True:
+            wanted = table.wanted.astype(bool)
+            if np.array_equal(table.answered[wanted], table.request[wanted]):
+                return np.flatnonzero(wanted & (table.state == FAILED)).tolist()
+            if time.monotonic() > deadline:
+                raise DriverError(f"the worker did not map the KV pages the scheduler wants within {timeout_s:.0f} s")
+            time.sleep(0.0001)
 
     def total_memory(self) -> int:
         return device_memory(self.device)[1]
@@ -138,18 +228,18 @@ class PageFollower:
                  on_error: Optional[Callable[[BaseException], None]] = None) -> None:
         self.table, self._vmm, self._base = table, vmm, base
         self.mapped = np.zeros(table.num_pages, dtype=np.uint8)
+        self._failed = np.zeros(table.num_pages, dtype=np.uint32)  # request number whose map failed, per page
         self._map_lock = threading.Lock()  # one mapper at a time
         self._step_lock = threading.Lock()  # held across a step: no unmap while one runs
         self._poll_s, self._on_error = poll_s, on_error
-        self._seen = -1
         self._stop = threading.Event()
         self._sync(unmap=True)
         self._thread = threading.Thread(target=self._run, name="kvcached-follower", daemon=True)
         self._thread.start()
 
     def before_step(self) -> None:
-        """Settle the table now: unmap what is no longer wanted, then map every wanted page (the step may touch it);
-        then hold off unmapping until after_step()."""
+        """Settle the table now: unmap what is no longer wanted, then map every wanted page; then hold off unmapping
+        until after_step()."""
         self._step_lock.acquire()
         try:
             self._sync(unmap=True)
@@ -159,6 +249,7 @@ class PageFollower:
 
     def after_step(self) -> None:
         self._step_lock.release()
+        self.table.wake()  # unmapping that waited for the step can go on now
 
     def sync(self) -> bool:
         """Follow the table once; unmapping waits for the running step, if any. Returns whether all was done."""
@@ -166,22 +257,37 @@ class PageFollower:
             self._sync(unmap=False)
             return False
         try:
-            self._sync(unmap=True)
-            return True
+            return self._sync(unmap=True)
         finally:
             self._step_lock.release()
 
-    def _sync(self, unmap: bool) -> None:
-        """Unmap first, then map: memory never exceeds what the table wants plus what a running step still holds."""
-        size = self.table.page_bytes
+    def _sync(self, unmap: bool) -> bool:
+        """Unmap (when allowed) what the table no longer wants, then map what it wants, never holding more pages than
+        it wants, and answer every request (see the Notes). Returns whether the mappings now match the table."""
+        size, table = self.table.page_bytes, self.table
         with self._map_lock:
+            wanted, request = table.snapshot()
             if unmap:
-                for page in np.flatnonzero(self.table.wanted < self.mapped).tolist():
+                for page in np.flatnonzero(wanted < self.mapped).tolist():
                     self._vmm.unmap(self._base + page * size, size)
                     self.mapped[page] = 0
-            for page in np.flatnonzero(self.table.wanted > self.mapped).tolist():
-                self._vmm.map(self._base + page * size, size)
+            self._failed[wanted == 0] = 0
+            missing = np.flatnonzero((wanted > self.mapped) & (self._failed != request))
+            room = int(np.count_nonzero(wanted)) - int(np.count_nonzero(self.mapped))
+            for page in missing[: max(0, room)].tolist():
+                try:
+                    self._vmm.map(self._base + page * size, size)
+                except DriverError as exc:
+                    if not exc.out_of_memory:
+                        raise
+                    self._failed[page] = request[page]
+                    table.answer(page, int(request[page]), FAILED)
+                    continue
                 self.mapped[page] = 1
+            held = (wanted & self.mapped).astype(bool)
+            for page in np.flatnonzero(held & (table.answered != request)).tolist():
+                table.answer(page, int(request[page]), MAPPED)
+            return bool(np.array_equal(wanted.astype(bool) & (self._failed != request), self.mapped.astype(bool)))
 
     def mapped_bytes(self) -> int:
         return int(self.mapped.sum()) * self.table.page_bytes
@@ -189,6 +295,7 @@ class PageFollower:
     def close(self) -> None:
         """Stop following and unmap everything this follower mapped."""
         self._stop.set()
+        self.table.wake()
         self._thread.join()
         with self._map_lock:
             for page in np.flatnonzero(self.mapped).tolist():
@@ -196,13 +303,19 @@ class PageFollower:
                 self.mapped[page] = 0
 
     def _run(self) -> None:
-        settled = True
-        while not self._stop.wait(self._poll_s):
+        settled, seen = True, -1
+        while not self._stop.is_set():
+            readable, _, _ = select.select([self.table.wake_fd], [], [], self._poll_s)
+            if readable:
+                try:
+                    os.read(self.table.wake_fd, 65536)
+                except BlockingIOError:
+                    pass
             try:
                 changes = self.table.changes
-                if changes == self._seen and settled:
+                if changes == seen and settled:
                     continue
-                self._seen = changes
+                seen = changes
                 settled = self.sync()
             except Exception as exc:  # keep following; report the failure
                 if self._on_error is not None:

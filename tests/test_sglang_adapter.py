@@ -278,7 +278,7 @@ def test_an_unsupported_sglang_version_is_refused():
     ({"ENABLE_KVCACHED": "1", "KVCACHED_AUTOPATCH": "1"}, False, "its start-up hook did not patch this SGLang process"),
 ])
 def test_sglangs_plugin_check_stops_a_process_that_would_run_unpatched(monkeypatch, env, active, message):
-    from kvcached import startup
+    from kvcached.integrations import startup
     from kvcached.integrations.sglang import plugin
 
     for name in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH"):

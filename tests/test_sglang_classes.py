@@ -56,7 +56,7 @@ def pool(monkeypatch):
 
 def test_autopatch_replaces_every_listed_name_when_sglang_is_imported():
     code = textwrap.dedent("""
-        import kvcached.startup as startup
+        import kvcached.integrations.startup as startup
         startup.run()
         assert startup.ACTIVE and startup.ERROR is None
         import sglang.srt.model_executor.model_runner_kv_cache_mixin as mixin
@@ -149,7 +149,7 @@ def test_the_idle_leak_check_counts_slots_not_memory(pool):
 
 
 def test_a_bad_setting_stops_sglang_at_import_saying_why():
-    code = "import kvcached.startup as startup; startup.run(); import sglang"
+    code = "import kvcached.integrations.startup as startup; startup.run(); import sglang"
     env = dict(os.environ, ENABLE_KVCACHED="1", KVCACHED_AUTOPATCH="1", KVCACHED_PAGE_SIZE_MB="big", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
@@ -162,7 +162,7 @@ def test_a_setting_kvcached_cannot_serve_stops_the_model_runner_before_any_pool(
         import sys
         from types import SimpleNamespace
         sys.path.insert(0, "tests")
-        import kvcached.startup as startup
+        import kvcached.integrations.startup as startup
         startup.run()
         import sglang.srt.model_executor.model_runner_kv_cache_mixin as mixin
         from test_sglang_adapter import settings

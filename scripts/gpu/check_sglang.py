@@ -392,10 +392,8 @@ def check_server(engine_kwargs: dict, args, gpu: Gpu, results: dict, save) -> No
 def run_startup_hook() -> None:
     """This process started without ENABLE_KVCACHED: run the start-up hook now, as the .pth would have, so that
     kvcached's SGLang plugin check passes here too (the scheduler, spawned now, runs it from the .pth)."""
-    try:
-        from kvcached.integrations import startup  # where the hook lives once issue 8 moved it
-    except ImportError:
-        from kvcached import startup
+    from kvcached.integrations import startup
+
     startup.run()
 
 

@@ -10,7 +10,7 @@ import os
 
 
 def check() -> None:
-    from ... import startup
+    from .. import startup
 
     if not startup._flag("ENABLE_KVCACHED"):
         return

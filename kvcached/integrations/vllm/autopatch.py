@@ -3,12 +3,20 @@
 Note: each patch replaces one function or class that vLLM looks up by name at call time, in the process where it runs:
   engine core  vllm.v1.engine.core.get_kv_cache_configs    plan the elastic layout, create the page table
                vllm.v1.core.kv_cache_coordinator.BlockPool  the elastic block pool
-               vllm.v1.core.sched.scheduler.Scheduler.schedule   hold the limit lock across a step
-  worker       vllm.v1.worker.gpu_model_runner.allocate_kv_cache  KV tensors over the reservation
+               KVCacheCoordinator.get_num_blocks_to_allocate  tells the pool what vLLM is about to ask for
+               vllm.v1.core.sched.scheduler.Scheduler       __init__: blocks come back only after the last step that may
+                                                            use them (async scheduling); schedule: one step holds the
+                                                            limit lock and promises only mapped blocks (block_pool.py)
+  worker       the KV allocation (versions.py: vllm.v1.worker.gpu_model_runner.allocate_kv_cache or
+               GPUModelRunner._allocate_kv_cache_tensors)   KV tensors over the reservation
+               GPUModelRunner.initialize_kv_cache_tensors   check the views: blocks first, one block contiguous
                GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step
                CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
-A vLLM version other than those listed, the V2 model runner, async scheduling or several workers per engine stop the
-engine at start-up with a message saying so: kvcached never lets vLLM run its static pool while enabled.
+               vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
+vLLM's GPU defaults work unchanged: CUDA graphs (the KV tensors' addresses never change), async scheduling (the
+deferred frees above), and the V1 model runner is chosen (VLLM_USE_V2_MODEL_RUNNER=0, said once in the log). A vLLM
+version without a row in versions.py, the V2 model runner, or several workers per engine stop the engine at start-up
+with a message saying so: kvcached never lets vLLM run its static pool while enabled.
 """
 
 from __future__ import annotations
@@ -19,13 +27,13 @@ import os
 from types import ModuleType
 
 from ..importhook import when_imported
+from . import versions
 
-SUPPORTED_VLLM = ("0.32.0",)
 logger = logging.getLogger("vllm.kvcached")
 
 
 def install() -> None:
-    # The pre-step hook wraps the V1 model runner; vLLM picks V2 on GPUs with Triton unless told otherwise.
+    # The step hook wraps the V1 model runner; vLLM picks V2 on GPUs unless told otherwise.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     when_imported("vllm", _check_vllm)
     when_imported("vllm.v1.engine.core", _patch_engine_core)
@@ -33,17 +41,11 @@ def install() -> None:
     when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
     when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
     when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
-    when_imported("vllm.v1.worker.gpu_worker", _patch_worker_class("Worker"))
+    when_imported("vllm.v1.worker.gpu_worker", _patch_gpu_worker)
 
 
 def _check_vllm(vllm: ModuleType) -> None:
-    version = str(getattr(vllm, "__version__", "unknown")).split("+")[0]
-    if version not in SUPPORTED_VLLM:
-        raise RuntimeError(
-            f"kvcached is enabled (ENABLE_KVCACHED) but vLLM {version} is not supported: kvcached {SUPPORTED_VLLM[0]} "
-            f"patches vLLM {', '.join(SUPPORTED_VLLM)}. Install a supported vLLM, or unset ENABLE_KVCACHED to run "
-            f"vLLM with its static KV pool."
-        )
+    versions.select(str(getattr(vllm, "__version__", "unknown")))
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
         raise RuntimeError("kvcached supports vLLM's V1 model runner only: unset VLLM_USE_V2_MODEL_RUNNER")
 
@@ -57,16 +59,21 @@ def _patch_engine_core(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-        if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-            raise RuntimeError("kvcached does not support async scheduling yet: start vLLM without --async-scheduling")
-        plan = planning.make_plan(vllm_config, kv_cache_specs, Config.from_env())
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise RuntimeError("kvcached supports vLLM's V1 model runner only; this configuration makes vLLM use V2 "
+                               "(unset ENABLE_KVCACHED to run it without kvcached)")
+        config = Config.from_env()
+        plan = planning.make_plan(vllm_config, kv_cache_specs, config)
         layout = plan.layout()
-        planning.remove_stale_tables()
-        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes, meta={"ipc_name": plan.ipc_name})
+        planning.remove_stale_tables(config.ipc_dir)
+        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes)
         planning.keep_table(table)
         table.set_wanted(0, True)  # the null block's page: mapped before the first step can point at it
         configs = original(vllm_config, kv_cache_specs, [planning.usable_bytes(plan)] * len(available_memory))
         planning.rewrite_configs(configs, plan)
+        logger.info("kvcached: vLLM %s with its V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), async scheduling %s",
+                    versions.running().version,
+                    "on" if getattr(vllm_config.scheduler_config, "async_scheduling", False) else "off")
         return configs
 
     module.get_kv_cache_configs = get_kv_cache_configs
@@ -76,33 +83,71 @@ def _patch_coordinator(module: ModuleType) -> None:
     from .block_pool import ElasticBlockPool
 
     module.BlockPool = ElasticBlockPool
+    original = module.KVCacheCoordinator.get_num_blocks_to_allocate
+
+    @functools.wraps(original)
+    def get_num_blocks_to_allocate(self, *args, **kwargs):
+        count = original(self, *args, **kwargs)
+        if isinstance(self.block_pool, ElasticBlockPool):
+            self.block_pool.expect(count, admission=bool(kwargs.get("apply_admission_cap")))
+        return count
+
+    module.KVCacheCoordinator.get_num_blocks_to_allocate = get_num_blocks_to_allocate
 
 
 def _patch_scheduler(module: ModuleType) -> None:
-    original = module.Scheduler.schedule
+    from .block_pool import ElasticBlockPool
 
-    @functools.wraps(original)
-    def schedule(self, *args, **kwargs):
-        kv = getattr(getattr(self.kv_cache_manager, "block_pool", None), "kv", None)
-        if kv is None:
-            return original(self, *args, **kwargs)
-        with kv.limit_lock:
-            return original(self, *args, **kwargs)
+    init, schedule = module.Scheduler.__init__, module.Scheduler.schedule
 
-    module.Scheduler.schedule = schedule
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if isinstance(getattr(self.kv_cache_manager, "block_pool", None), ElasticBlockPool):
+            # With async scheduling a step may still use a finished request's blocks; vLLM returns them to the pool
+            # (and kvcached may unmap their pages) only once that step's output is back. Without it: at once.
+            self.defer_block_free = True
+
+    @functools.wraps(schedule)
+    def wrapped_schedule(self, *args, **kwargs):
+        pool = getattr(self.kv_cache_manager, "block_pool", None)
+        if not isinstance(pool, ElasticBlockPool):
+            return schedule(self, *args, **kwargs)
+        with pool.kv.limit_lock, pool.step():
+            return schedule(self, *args, **kwargs)
+
+    module.Scheduler.__init__ = __init__
+    module.Scheduler.schedule = wrapped_schedule
 
 
 def _patch_model_runner(module: ModuleType) -> None:
     from . import worker
 
-    module.allocate_kv_cache = worker.allocate_kv_cache
-    original = module.GPUModelRunner.execute_model
+    if versions.running().per_layer_kv_tensors:
+        module.GPUModelRunner._allocate_kv_cache_tensors = worker.allocate_kv_cache_per_layer
+    else:
+        module.allocate_kv_cache = worker.allocate_kv_cache
+    original, initialize = module.GPUModelRunner.execute_model, module.GPUModelRunner.initialize_kv_cache_tensors
 
     @functools.wraps(original)
     def execute_model(self, *args, **kwargs):
         return worker.run_step(original, self, *args, **kwargs)
 
+    @functools.wraps(initialize)
+    def initialize_kv_cache_tensors(self, *args, **kwargs):
+        kv_caches = initialize(self, *args, **kwargs)
+        worker.check_blocks_first(kv_caches)
+        return kv_caches
+
     module.GPUModelRunner.execute_model = execute_model
+    module.GPUModelRunner.initialize_kv_cache_tensors = initialize_kv_cache_tensors
+
+
+def _patch_gpu_worker(module: ModuleType) -> None:
+    from . import worker
+
+    _patch_worker_class("Worker")(module)
+    module.request_memory = worker.requested_memory
 
 
 def _patch_worker_class(name: str):

@@ -4,16 +4,26 @@ Note: vLLM's pool is a fixed array of blocks and a free queue; here every block 
 KVCacheManager whose pages are marked in the page table that the worker follows (kvcached/pagetable.py). A block freed
 without a prefix-cache hash goes back at once; a freed block with a hash stays cached (its memory kept) until it is
 reused, evicted to make room, or evicted because cached blocks exceed KVCACHED_MAX_CACHED_TOKENS (default: one page of
-tokens). Eviction for memory picks pages held only by cached blocks, least recently used first, so whole pages empty
-out. When no block is in use any more, the reserve of premapped pages is given back at once.
-`get_num_free_blocks()` is what the manager can still hand out plus the cached blocks: vLLM checks it before every
-allocation and waits or preempts when it is short, as with its own pool. The limit cannot change between that check and
-the allocation: the scheduler holds the manager's limit lock across each step (see autopatch.py).
+tokens). Both evictions take the blocks of pages that only cached blocks hold first (least recently used page first),
+then the least recently used of the rest: a page empties whole and goes back to the device, where evicting by age
+alone would leave a cached block or two pinning each of many pages. When no block is in use any more, the reserve of
+premapped pages is given back at once.
+
+Note [a free block is a promise]: vLLM asks `get_num_free_blocks()` before each allocation and then takes that many
+blocks without a way to be refused. Memory that another engine can take in between (two engines racing for a GPU's
+last pages) must not be promised. So during a scheduling step the answer counts only blocks already held: vLLM first
+says how many blocks it needs (the coordinator's get_num_blocks_to_allocate, patched in autopatch.py, calls
+`expect(n)`), the pool takes them from the manager and waits for the worker to answer that their pages are mapped
+(kvcached/pagetable.py); pages it could not map go back, and the answer is short: vLLM waits or preempts, as with a
+full static pool. Held blocks it did not take go back to the manager at the end of the step. vLLM's admission check
+(will a new request's whole prompt fit?) promises nothing and is answered from what could still be mapped. The limit
+cannot change within a step either: the scheduler holds the manager's limit lock across it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -24,6 +34,7 @@ from ...config import Config
 from ...opener import open_cache
 from ...pagetable import TableVirtualMemory
 from ...units import format_size
+from . import versions
 from .plan import current_plan, take_table
 
 logger = logging.getLogger("vllm.kvcached")
@@ -38,7 +49,8 @@ class _Blocks:
     def __getitem__(self, block_id: int) -> KVCacheBlock:
         block = self._made.get(block_id)
         if block is None:
-            block = self._made[block_id] = KVCacheBlock(block_id, pool=self._pool)
+            extra = {"pool": self._pool} if versions.running().block_has_pool else {}
+            block = self._made[block_id] = KVCacheBlock(block_id, **extra)
         return block
 
     def __len__(self) -> int:
@@ -58,9 +70,16 @@ class ElasticBlockPool(BlockPool):
         self.num_gpu_blocks = num_gpu_blocks
         config = Config.from_env()
         self.table = take_table()
-        vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
-        self.kv = open_cache(plan.geometry(), vmm, virtual_bytes=plan.virtual_bytes, config=config, name=plan.ipc_name)
+        self.vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
+        self.kv = open_cache(plan.geometry(), self.vmm, virtual_bytes=plan.virtual_bytes, config=config,
+                             name=plan.ipc_name)
         assert self.kv.null_block == self.null_block.block_id == 0
+        if self.vmm.settle():
+            raise RuntimeError("kvcached: the worker could not map the null block's page: the device is out of memory")
+        self._watchers = versions.running().pool_reuse_watchers
+        self._held: list[int] = []  # blocks taken from the manager, mapped, promised to vLLM in this step
+        self._in_step = self._admission = False
+        self._warned_at = float("-inf")
         self.blocks = _Blocks(self, self.null_block)
         self.free_block_queue = None  # vLLM's queue is replaced by the manager and `_cached`; any use is a bug
         self._cached: dict[int, KVCacheBlock] = {}  # ref_cnt 0 blocks still holding prefix-cache content, LRU first
@@ -77,26 +96,38 @@ class ElasticBlockPool(BlockPool):
     # ---- what vLLM asks ----------------------------------------------------------------------------------------
 
     def get_num_free_blocks(self) -> int:
-        return self.kv.available_size() + len(self._cached)
+        if self._in_step and not self._admission:  # a promise (see the Note): held and cached blocks, all mapped
+            return len(self._held) + len(self._cached)
+        self._admission = False  # "would it fit?", or a figure for statistics: what could still be mapped too
+        return len(self._held) + len(self._cached) + self.kv.available_size()
 
     def get_usage(self) -> float:
-        in_use = self.kv.num_allocated() - 1 - len(self._cached)
-        total = in_use + self.get_num_free_blocks()
-        return in_use / total if total else 0.0
+        total = self._in_use() + self.get_num_free_blocks()
+        return self._in_use() / total if total else 0.0
+
+    def step(self):
+        """Around one scheduling step (autopatch.py): promises only what is held; held blocks go back after."""
+        return _Step(self)
+
+    def expect(self, num_blocks: int, admission: bool = False) -> None:
+        """vLLM is about to check that `num_blocks` are free (see the Note): hold them, when memory allows. An
+        admission check (will a new request's whole prompt fit, later chunks included?) holds nothing: it is answered
+        from what could still be mapped, and each chunk's blocks are then promised as they are allocated."""
+        if self._in_step and admission:
+            self._admission = True
+        elif self._in_step:
+            self._hold_up_to(num_blocks)
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        if num_blocks > self.get_num_free_blocks():
+        if num_blocks > len(self._held) + len(self._cached):  # a caller that did not say first (see expect)
+            self._hold_up_to(num_blocks)
+        if num_blocks > len(self._held) + len(self._cached):
             raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
-        ids = self.kv.alloc(num_blocks)
-        if ids is None and self._cached:
-            self._evict(self._lru(num_blocks - self.kv.available_size()))
-            ids = self.kv.alloc(num_blocks)
-        if ids is None:  # another process took memory since vLLM counted: exceed the utilization cap this once
-            logger.warning("kvcached: the device's free memory fell during a step; allocating %d blocks above the "
-                           "utilization cap", num_blocks)
-            ids = self.kv.alloc(num_blocks, ignore_headroom=True)
-        if ids is None:
-            raise ValueError(f"kvcached could not allocate {num_blocks} blocks it had counted as free")
+        ids, self._held = self._held[:num_blocks], self._held[num_blocks:]
+        if len(ids) < num_blocks:  # reuse cached blocks, pages held only by cached blocks first
+            reused = self._eviction_order(num_blocks - len(ids))
+            self._forget(reused)
+            ids += [block.block_id for block in reused]
         blocks = [self.blocks[i] for i in ids]
         for block in blocks:
             assert block.ref_cnt == 0 and block.block_hash is None
@@ -114,9 +145,9 @@ class ElasticBlockPool(BlockPool):
                 self.metrics_collector.on_block_accessed(block)
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        released, other_pools = [], defaultdict(list)
+        released, other_pools, pools = [], defaultdict(list), versions.running().block_has_pool
         for block in ordered_blocks:
-            if block.pool is not None and block.pool is not self:
+            if pools and block.pool is not None and block.pool is not self:
                 other_pools[block.pool].append(block)
                 continue
             block.ref_cnt -= 1
@@ -128,7 +159,7 @@ class ElasticBlockPool(BlockPool):
         if released:
             self.kv.free(released)
         self._bound_cache()
-        if self.kv.num_allocated() == 1 + len(self._cached):  # nothing in use: the engine went idle
+        if self._in_use() == 0:  # the engine went idle
             self.kv.trim()
         for pool, blocks in other_pools.items():
             pool.free_blocks(blocks)
@@ -150,7 +181,7 @@ class ElasticBlockPool(BlockPool):
                 self._maybe_evict_cached_block(block)
 
     def reset_prefix_cache(self) -> bool:
-        in_use = self.kv.num_allocated() - 1 - len(self._cached)
+        in_use = self._in_use()
         if in_use:
             logger.warning("Failed to reset prefix cache because some blocks (%d) are not freed yet", in_use)
             return False
@@ -172,27 +203,66 @@ class ElasticBlockPool(BlockPool):
         self.kv.shutdown()
         self.table.close()
 
-    # ---- cached blocks -----------------------------------------------------------------------------------------
+    # ---- held and cached blocks -----------------------------------------------------------------------------------
 
-    def _evict(self, blocks: list[KVCacheBlock]) -> None:
-        """Drop cached blocks: their hashes first (so no request can hit them), then their memory."""
+    def _in_use(self) -> int:
+        """Blocks vLLM holds (the null block, cached and held blocks are not)."""
+        return self.kv.num_allocated() - 1 - len(self._cached) - len(self._held)
+
+    def _hold_up_to(self, num_blocks: int) -> None:
+        """Hold `num_blocks` blocks, mapped by the worker, when memory allows: new blocks first (the prefix cache
+        stays), else as many as make up the count with the cached blocks."""
+        missing = num_blocks - len(self._held)
+        for count in (missing, missing - len(self._cached)):
+            if count <= 0:
+                return
+            ids = self.kv.alloc(count)
+            if ids is not None and self._mapped(ids):
+                self._held += ids
+                return
+
+    def _mapped(self, ids: list[int]) -> bool:
+        """Whether the worker mapped every page; if not, `ids` and the pages that failed go back."""
+        failed = self.vmm.settle()
+        if not failed:
+            return True
+        now = time.monotonic()
+        if now - self._warned_at > 10:
+            self._warned_at = now
+            logger.warning("kvcached: the device is out of memory (another process took it): %d pages could not be "
+                           "mapped; requests wait until memory is free", len(failed))
+        self.kv.free(ids)
+        self.kv.trim()  # unmaps the reserve, and with it the pages that failed
+        in_use = set(self.vmm.settle()) & self.kv.pages.pages_in_use()
+        if in_use:  # never: a page is handed out only after the worker mapped it
+            raise RuntimeError(f"kvcached: pages {sorted(in_use)} are in use but the worker could not map them")
+        return False
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            self.kv.free(held)
+
+    def _forget(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop cached blocks from the cache (their hashes, so no request can hit them), keeping their ids."""
         for block in blocks:
             del self._cached[block.block_id]
             self._maybe_evict_cached_block(block)
-        if self._reuse_watchers:
+        if self._watchers and self._reuse_watchers:
             self._notify_reuse(blocks)
+
+    def _evict(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop cached blocks and give their memory back."""
+        self._forget(blocks)
         if blocks:
             self.kv.free([block.block_id for block in blocks])
-
-    def _lru(self, count: int) -> list[KVCacheBlock]:
-        return list(self._cached.values())[: max(0, count)]
 
     def _bound_cache(self) -> None:
         """Keep at most `max_cached_blocks` cached blocks, on at most as many pages as they fill, so the memory
         that an idle engine keeps for its prefix cache is bounded too, not only the block count."""
         excess = len(self._cached) - self.max_cached_blocks
         if excess > 0:
-            self._evict(self._emptiest_pages_first(excess))
+            self._evict(self._eviction_order(excess))
         pages = self._cache_only_pages()
         allowed = -(-self.max_cached_blocks // self.kv.layout.blocks_per_page)
         if len(pages) > allowed:
@@ -208,7 +278,7 @@ class ElasticBlockPool(BlockPool):
             by_page[page] = by_page.pop(page)
         return [blocks for page, blocks in by_page.items() if self.kv.page_fill(page) == len(blocks)]
 
-    def _emptiest_pages_first(self, count: int) -> list[KVCacheBlock]:
+    def _eviction_order(self, count: int) -> list[KVCacheBlock]:
         """`count` cached blocks: from pages only cached blocks hold first, least recently used first (evicting them
         unmaps whole pages), then the least recently used of the rest."""
         chosen = [block for blocks in self._cache_only_pages() for block in blocks][:count]
@@ -216,3 +286,15 @@ class ElasticBlockPool(BlockPool):
             taken = {block.block_id for block in chosen}
             chosen += [b for b in self._cached.values() if b.block_id not in taken][: count - len(chosen)]
         return chosen
+
+
+class _Step:
+    def __init__(self, pool: ElasticBlockPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> None:
+        self.pool._in_step = True
+
+    def __exit__(self, *exc) -> None:
+        self.pool._in_step = False
+        self.pool._release()

@@ -1,11 +1,15 @@
 """The elastic plan: how vLLM's KV cache config is rewritten in the engine core, and read back in the worker.
 
-Note: vLLM 0.32 places layer l's page for block b at `offset + l * layer_stride + b * block_stride` of one backing
-allocation (KVCacheTensor). kvcached's layout (kvcached/layout.py) is exactly that with block_stride = b (one layer's
-page of one block) and layer_stride = G * b, over a reservation of the device's memory: so vLLM's own view code builds
-the per-layer tensors for whichever attention backend it chose, and block ids are sparse (num_blocks is the id space).
-The engine core makes the plan before the worker allocates and before the scheduler exists; the plan travels to the
-worker inside the KVCacheConfig, and stays in this process for the block pool.
+Note: kvcached's layout (kvcached/layout.py) puts layer l's page of block id i at `l * G * b + i * b` of one
+reservation of the device's memory (b: one layer's page of one block; G blocks of every layer share a compound page),
+so block ids are sparse and num_blocks becomes the id space. vLLM describes its KV memory as KVCacheTensors, in one of
+two forms (versions.py):
+  - one tensor for all layers, layer l's block i at `offset + l * layer_stride + i * block_stride` (0.32): kvcached's
+    layout with layer_stride = G * b and block_stride = b;
+  - one tensor per layer, blocks contiguous (0.26): layer l's tensor is the slice of N * b bytes at l * G * b.
+Either way vLLM's own view code builds the per-layer tensors for whichever attention backend it chose. The engine core
+makes the plan before the worker allocates and before the scheduler exists; the plan travels to the worker inside the
+KVCacheConfig, and stays in this process for the block pool.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Any, Optional
 import torch
 
 from ...config import Config
-from ...errors import ConfigError, KVCachedError
+from ...devices import parse_device
+from ...errors import KVCachedError
 from ...layout import KVGeometry, KVLayout, piece_page_bytes
+from ...procinfo import start_ticks
 from ...vmm.probe import device_memory, granularity_of
+from . import versions
 
 _ATTR = "kvcached_plan"
 _current: Optional["ElasticPlan"] = None
@@ -42,8 +49,7 @@ class ElasticPlan:
     ipc_name: str
 
     def layout(self) -> KVLayout:
-        geometry = KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
-        return KVLayout(geometry, self.piece_page_bytes, self.granularity, self.virtual_bytes)
+        return KVLayout(self.geometry(), self.piece_page_bytes, self.granularity, self.virtual_bytes)
 
     def geometry(self) -> KVGeometry:
         return KVGeometry(self.num_layers, (self.block_bytes,), torch.int8, pieces_per_layer=1)
@@ -67,12 +73,12 @@ def plan_of(kv_cache_config: Any) -> ElasticPlan:
 
 
 def device_of(vllm_config: Any) -> str:
+    """"cpu", or "cuda:0": with tensor_parallel_size 1 the worker's GPU is its local device 0."""
     kind = str(vllm_config.device_config.device_type)
-    if kind == "cpu":
-        return "cpu"
-    if kind == "cuda":
-        return "cuda:0"  # tensor_parallel_size 1: the worker's local device 0 (after CUDA_VISIBLE_DEVICES)
-    raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}")
+    try:
+        return str(parse_device(kind))
+    except ValueError:
+        raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}") from None
 
 
 def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> ElasticPlan:
@@ -101,7 +107,7 @@ def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> E
         piece_page_bytes=piece,
         granularity=granularity,
         virtual_bytes=config.virtual_size or device_memory(device)[1],
-        table_path=f"/dev/shm/kvcached-pages.{name}.{os.getpid()}",
+        table_path=page_table_path(config.ipc_dir, name),
         ipc_name=name,
     )
     plan.layout()  # raises ConfigError now for a geometry that cannot work
@@ -111,27 +117,36 @@ def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> E
 def rewrite_configs(kv_cache_configs: list, plan: ElasticPlan) -> None:
     """Point vLLM's configs at the elastic layout: sparse block ids over one reservation."""
     global _current
-    from vllm.v1.kv_cache_interface import KVCacheTensor
-
-    layout = plan.layout()
     for kv_cache_config in kv_cache_configs:
-        tensors = kv_cache_config.kv_cache_tensors
-        if len(tensors) != 1 or tensors[0].offset != 0 or tensors[0].host_resident:
-            raise KVCachedError(f"kvcached supports KV caches in one backing allocation; this model has {len(tensors)}")
-        layers = list(tensors[0].layers)
+        layers = kv_layers(kv_cache_config)
         if len(layers) != plan.num_layers:
             raise KVCachedError(f"kvcached planned {plan.num_layers} layers, the KV cache config has {len(layers)}")
-        kv_cache_config.num_blocks = layout.num_block_ids
-        kv_cache_config.kv_cache_tensors = [
-            KVCacheTensor(
-                size=layout.reserved_bytes,
-                layers=layers,
-                layer_stride=layout.blocks_per_page * layout.block_bytes,
-                block_stride=layout.block_bytes,
-            )
-        ]
+        kv_cache_config.num_blocks = plan.layout().num_block_ids
+        kv_cache_config.kv_cache_tensors = _elastic_tensors(layers, plan.layout())
         setattr(kv_cache_config, _ATTR, asdict(plan))
     _current = plan
+
+
+def kv_layers(kv_cache_config: Any) -> list[str]:
+    """The KV cache config's layer names in tensor order; refuses forms kvcached cannot place."""
+    tensors = kv_cache_config.kv_cache_tensors
+    if versions.running().per_layer_kv_tensors:
+        if any(len(t.shared_by) != 1 or t.offset != 0 or t.block_stride != 0 for t in tensors):
+            raise KVCachedError("kvcached supports one unshared, unpacked KV cache tensor per layer; this model's KV "
+                                "cache config shares or packs them")
+        return [t.shared_by[0] for t in tensors]
+    if len(tensors) != 1 or tensors[0].offset != 0 or tensors[0].host_resident:
+        raise KVCachedError(f"kvcached supports KV caches in one backing allocation; this model has {len(tensors)}")
+    return list(tensors[0].layers)
+
+
+def _elastic_tensors(layers: list[str], layout: KVLayout) -> list:
+    from vllm.v1.kv_cache_interface import KVCacheTensor
+
+    if versions.running().per_layer_kv_tensors:  # the worker hands out slices of one reservation (worker.py)
+        return [KVCacheTensor(size=layout.num_block_ids * layout.block_bytes, shared_by=[name]) for name in layers]
+    return [KVCacheTensor(size=layout.reserved_bytes, layers=layers,
+                          layer_stride=layout.blocks_per_page * layout.block_bytes, block_stride=layout.block_bytes)]
 
 
 def usable_bytes(plan: ElasticPlan) -> int:
@@ -154,15 +169,29 @@ def take_table():
     return table
 
 
-def remove_stale_tables() -> None:
-    """Remove page tables of this user's engine cores that died without cleaning up (kill -9)."""
-    for path in glob.glob("/dev/shm/kvcached-pages.*"):
+_TABLE_PREFIX = "kvcached-pages."
+
+
+def page_table_path(ipc_dir: str, name: str) -> str:
+    """<KVCACHED_IPC_DIR>/kvcached-pages.<name>.<pid>.<start ticks>: the engine core that made it, exactly (a pid
+    alone is reused by the kernel once the process exits)."""
+    pid = os.getpid()
+    return os.path.join(ipc_dir, f"{_TABLE_PREFIX}{name}.{pid}.{start_ticks(pid)}")
+
+
+def remove_stale_tables(ipc_dir: str) -> list[str]:
+    """Remove page tables (and their wake FIFOs) of this user's engine cores that died before their worker attached
+    (kill -9 at start-up); returns the paths removed."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(ipc_dir), _TABLE_PREFIX + "*")):
         try:
-            pid = int(path.rsplit(".", 1)[1])
-            if os.stat(path).st_uid == os.geteuid() and not os.path.exists(f"/proc/{pid}"):
+            pid, ticks = (int(part) for part in path.removesuffix(".wake").rsplit(".", 2)[1:])
+            if os.stat(path).st_uid == os.geteuid() and start_ticks(pid) != ticks:
                 os.unlink(path)
+                removed.append(path)
         except (ValueError, OSError):
             continue
+    return removed
 
 
 def default_ipc_name(vllm_config: Any) -> str:
@@ -175,4 +204,3 @@ def default_ipc_name(vllm_config: Any) -> str:
     return f"vllm-{model}-{os.getpid()}"
 
 
-__all__ = ["ElasticPlan", "ConfigError", "current_plan", "make_plan", "plan_of", "rewrite_configs", "usable_bytes"]

@@ -1,24 +1,28 @@
 """The worker's side: KV tensors over a kvcached reservation, kept mapped as the scheduler's page table says.
 
-Note: vLLM's `allocate_kv_cache` makes one zero-filled buffer for the whole pool. Here the buffer is a reservation of
-address space (nothing mapped), and vLLM's own `create_kv_cache_views` cuts it into per-layer views with the strides
-the plan put in the config, so any attention backend's shape works unchanged. A PageFollower maps and unmaps pages as
-the engine core's page table says; the model runner's step maps whatever is still missing before it runs, and no page
-is unmapped while a step runs. vLLM's sizing is skipped: the worker reports a token amount of KV memory (the engine
-core's plan decides the real capacity), which keeps vLLM's checks against free memory from refusing a large
-reservation.
+Note: vLLM allocates zero-filled KV memory (versions.py: one buffer for all layers, or one per layer). Here the memory is
+a reservation of address space (nothing mapped), cut the way the plan put in the config (plan.py), and vLLM's own view
+code shapes it for whichever attention backend it chose. A PageFollower maps and unmaps pages as the engine core's
+page table says; the model runner's step maps whatever is still missing before it runs, and no page is unmapped while
+a step runs. The reservation is made once: if vLLM initialises its KV cache again with the same plan, the same
+addresses come back (CUDA graphs captured over them stay valid). vLLM's sizing is skipped: the worker reports a token
+amount of KV memory (the engine core's plan decides the real capacity), which keeps vLLM's checks against free memory
+from refusing a large reservation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
 
+from ...devices import parse_device
+from ...errors import KVCachedError
 from ...pagetable import PageFollower, PageTable
 from ...vmm import VirtualMemory, open_vmm
-from .plan import plan_of
+from .plan import ElasticPlan, plan_of
 
 logger = logging.getLogger("vllm.kvcached")
 
@@ -26,10 +30,18 @@ PLACEHOLDER_KV_BYTES = 64 << 20
 
 
 class WorkerKV:
-    """What one worker process holds: the reservation, the page table, the follower."""
+    """What one worker process holds: the reservation (and an int8 tensor over it), the page table, the follower."""
 
-    def __init__(self, vmm: VirtualMemory, base: int, size: int, table: PageTable, follower: PageFollower) -> None:
-        self.vmm, self.base, self.size, self.table, self.follower = vmm, base, size, table, follower
+    def __init__(self, plan: ElasticPlan, device: torch.device) -> None:
+        self.plan, self.size = plan, plan.layout().reserved_bytes
+        self.vmm: VirtualMemory = open_vmm(str(parse_device(torch.device(device))))
+        self.base = self.vmm.reserve(self.size)
+        self.table = PageTable.attach(plan.table_path)
+        self.follower = PageFollower(self.table, self.vmm, self.base,
+                                     on_error=lambda exc: logger.error("kvcached follower: %s", exc))
+        self.raw = self.vmm.tensor(self.base, self.size).view(torch.int8)
+        logger.info("kvcached: %d layers of KV over a reservation of %d bytes at %#x on %s; pages are mapped on demand",
+                    plan.num_layers, self.size, self.base, self.vmm.device)
 
     def close(self) -> None:
         self.follower.close()
@@ -37,29 +49,28 @@ class WorkerKV:
         self.table.close()
 
 
-_worker_kv: Optional[WorkerKV] = None
+_worker_kv: Optional[WorkerKV] = None  # this worker process's KV, for the step hook
 
 
-def worker_kv() -> Optional[WorkerKV]:
+def reservation(kv_cache_config: Any, device: torch.device) -> WorkerKV:
+    """This worker's KV reservation for the plan in `kv_cache_config`: made on first use, the same one afterwards."""
+    global _worker_kv
+    plan = plan_of(kv_cache_config)
+    if _worker_kv is not None and _worker_kv.plan == plan:
+        return _worker_kv
+    if _worker_kv is not None:  # another plan: a fresh reservation
+        _worker_kv.close()
+    _worker_kv = WorkerKV(plan, device)
     return _worker_kv
 
 
 def allocate_kv_cache(kv_cache_config: Any, device: torch.device, layout: Any, kernel_block_sizes=None) -> dict:
-    """Replacement for vllm.v1.worker.utils.allocate_kv_cache (same signature and result)."""
+    """Replacement for vllm.v1.worker.utils.allocate_kv_cache (one KV tensor for all layers; same signature and
+    result): vLLM's create_kv_cache_views over the reservation."""
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs, create_kv_cache_views
 
-    global _worker_kv
-    plan = plan_of(kv_cache_config)
-    if _worker_kv is not None:  # re-initialised (e.g. after a reset): start from a fresh reservation
-        _worker_kv.close()
     (tensor,) = kv_cache_config.kv_cache_tensors
-    vmm = open_vmm(_device_name(device))
-    base = vmm.reserve(tensor.size)
-    table = PageTable.attach(plan.table_path)
-    follower = PageFollower(table, vmm, base, on_error=lambda exc: logger.error("kvcached follower: %s", exc))
-    _worker_kv = WorkerKV(vmm, base, tensor.size, table, follower)
-    raw = vmm.tensor(base, tensor.size).view(torch.int8)
-
+    raw = reservation(kv_cache_config, device).raw
     group_id, group = next(
         (i, g) for i, g in enumerate(kv_cache_config.kv_cache_groups) if tensor.layers[0] in g.layer_names
     )
@@ -68,9 +79,36 @@ def allocate_kv_cache(kv_cache_config: Any, device: torch.device, layout: Any, k
         spec = spec.kv_cache_specs[tensor.layers[0]]
     kernel_block_size = kernel_block_sizes[group_id] if kernel_block_sizes and group_id < len(kernel_block_sizes) else None
     views = create_kv_cache_views(raw, spec, kv_cache_config.num_blocks, layout, tensor, kernel_block_size=kernel_block_size)
-    logger.info("kvcached: %d layers of KV over a reservation of %d bytes at %#x on %s; pages are mapped on demand",
-                len(views), tensor.size, base, vmm.device)
     return dict(zip(tensor.layers, views))
+
+
+def allocate_kv_cache_per_layer(runner: Any, kv_cache_config: Any) -> dict[str, torch.Tensor]:
+    """Replacement for GPUModelRunner._allocate_kv_cache_tensors (one KV tensor per layer): layer l's raw int8 tensor
+    is its slice of the reservation; vLLM's _reshape_kv_cache_tensors shapes it."""
+    kv = reservation(kv_cache_config, runner.device)
+    layout = kv.plan.layout()
+    return {t.shared_by[0]: layout.piece_view(kv.raw, layer).view(-1)
+            for layer, t in enumerate(kv_cache_config.kv_cache_tensors)}
+
+
+def check_blocks_first(kv_caches: dict) -> None:
+    """Refuse KV views whose blocks are not each one contiguous piece of a layer's slice (a backend that puts K and V
+    apart, say): their pages would not be the pages kvcached maps."""
+    kv = _worker_kv
+    if kv is None:
+        return
+    ids = kv.plan.layout().num_block_ids
+    span = ids * kv.plan.block_bytes
+    for name, tensor in kv_caches.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise KVCachedError(f"kvcached supports attention KV caches only; layer {name} has {type(tensor).__name__}")
+        block = tensor.stride(0) * tensor.element_size()
+        # Dimension 0 is the blocks (vLLM may split a block into kernel blocks), each `block` bytes, the outermost.
+        if tensor.shape[0] % ids or block * tensor.shape[0] != span or tensor.stride(0) != max(tensor.stride()):
+            raise KVCachedError(
+                f"kvcached needs each layer's KV cache blocks first, one block contiguous; layer {name} has shape "
+                f"{tuple(tensor.shape)} and strides {tensor.stride()} (choose another attention backend, or unset "
+                f"ENABLE_KVCACHED)")
 
 
 def run_step(execute_model, self, *args, **kwargs):
@@ -94,8 +132,9 @@ def use_placeholder_kv_size(vllm_config: Any) -> None:
     cache.kv_cache_memory_bytes = PLACEHOLDER_KV_BYTES
 
 
-def _device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cpu":
-        return "cpu"
-    return f"cuda:{device.index or 0}"
+def requested_memory(init_snapshot: Any, cache_config: Any) -> int:
+    """Replacement for vllm.v1.worker.utils.request_memory in the GPU worker: vLLM's share of the device, without
+    refusing to start when other processes (another kvcached engine) hold some of it: kvcached's KV cache takes
+    only what is free (KVCACHED_GPU_UTILIZATION), and vLLM's own sizing is skipped (use_placeholder_kv_size)."""
+    wanted = math.ceil(init_snapshot.total_memory * cache_config.gpu_memory_utilization)
+    return min(wanted, init_snapshot.free_memory)

@@ -26,14 +26,14 @@ def run() -> None:
     if _RAN or not (_flag("ENABLE_KVCACHED") and _flag("KVCACHED_AUTOPATCH")):
         return
     _RAN = True
-    from .integrations import importhook
+    from . import importhook
 
     try:
-        from .config import Config
+        from ..config import Config
 
         Config.from_env()  # a bad variable stops the engine with its message
-        from .integrations.sglang import autopatch as sglang_autopatch
-        from .integrations.vllm import autopatch as vllm_autopatch
+        from .sglang import autopatch as sglang_autopatch
+        from .vllm import autopatch as vllm_autopatch
 
         vllm_autopatch.install()
         sglang_autopatch.install()

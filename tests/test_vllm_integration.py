@@ -1,0 +1,160 @@
+"""The vLLM integration's parts that need no running engine: the elastic block pool over vLLM's own block classes
+(imported from vLLM's CPU build), and the engine core's page-table files.
+
+The pool runs on a real KVCacheManager deciding through a real page table, followed by a real PageFollower mapping
+host memory (the worker's side, here in-process); block ids are exact: 2 layers, blocks of 4 KiB per layer, pages of
+4 blocks (16 KiB per layer), so page p holds ids 8p..8p+3 (layout.py: sparse ids).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id  # noqa: E402
+
+from kvcached.integrations.vllm import plan as planning  # noqa: E402
+from kvcached.integrations.vllm.block_pool import ElasticBlockPool  # noqa: E402
+from kvcached.pagetable import PageFollower, PageTable  # noqa: E402
+from kvcached.vmm import open_vmm  # noqa: E402
+from pagetable_child import Child  # noqa: E402
+from kvcached.procinfo import start_ticks  # noqa: E402
+
+PAGE = 2 * 4 * 4096  # 2 layers x 4 blocks x 4 KiB
+
+
+def make_pool(tmp_path, monkeypatch, follow):
+    """An elastic pool limited to 3 pages (page 0 holds the null block), no reserve, prefix caching on; `follow(path)`
+    starts the worker's side on the page table and returns what stops it."""
+    for key in [k for k in os.environ if k.startswith("KVCACHED_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("KVCACHED_IPC_DIR", str(tmp_path))
+    monkeypatch.setenv("KVCACHED_PAGE_SIZE_MB", str(4 * 4096 / (1 << 20)))
+    monkeypatch.setenv("KVCACHED_MEMORY_LIMIT", str(3 * PAGE))
+    monkeypatch.setenv("KVCACHED_MIN_RESERVED_PAGES", "0")
+    monkeypatch.setenv("KVCACHED_MAX_RESERVED_PAGES", "0")
+    monkeypatch.setenv("KVCACHED_MAX_CACHED_TOKENS", str(16 * 16))  # no bound in play: 16 blocks of 16 tokens
+    plan = planning.ElasticPlan(
+        device="cpu", num_layers=2, block_bytes=4096, block_size=16, piece_page_bytes=4 * 4096, granularity=4096,
+        virtual_bytes=8 * PAGE, table_path=str(tmp_path / "pages"), ipc_name="pool-test",
+    )
+    table = PageTable.create(plan.table_path, plan.layout().num_pages, PAGE)
+    stop = follow(plan.table_path)
+    monkeypatch.setattr(planning, "_current", plan)
+    monkeypatch.setattr(planning, "_tables", [table])
+    return ElasticBlockPool(plan.layout().num_block_ids, True, 16), stop
+
+
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    """The pool, followed by a PageFollower in this process."""
+    vmm = open_vmm("cpu")
+
+    def follow(path: str):
+        base = vmm.reserve(8 * PAGE)
+        follower = PageFollower(PageTable.attach(path), vmm, base)
+        return lambda: (follower.close(), vmm.unreserve(base, 8 * PAGE))
+
+    made, stop = make_pool(tmp_path, monkeypatch, follow)
+    yield made
+    made.shutdown()
+    stop()
+
+
+def cache(pool: ElasticBlockPool, blocks) -> None:
+    """Give blocks prefix-cache hashes, as vLLM does for full blocks, and free them (they stay cached)."""
+    for block in blocks:
+        key = make_block_hash_with_group_id(BlockHash(b"block-%d" % block.block_id), 0)
+        block.set_block_hash(key)
+        pool.cached_block_hash_to_block.insert(key, block)
+    pool.free_blocks(blocks)
+
+
+def is_cached(pool: ElasticBlockPool, block_id: int) -> bool:
+    return pool.get_cached_block(BlockHash(b"block-%d" % block_id), [0]) is not None
+
+
+def test_a_full_pool_evicts_the_cached_blocks_of_a_cache_only_page_before_older_ones(pool):
+    first = pool.get_new_blocks(3)  # page 0 beside the null block
+    second = pool.get_new_blocks(4)  # page 1
+    third = pool.get_new_blocks(4)  # page 2
+    assert [b.block_id for b in first + second + third] == [1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    cache(pool, first[1:])  # blocks 2 and 3: the oldest cached, on page 0, which block 1 still uses
+    cache(pool, third)  # page 2: only cached blocks
+    assert pool.get_num_free_blocks() == 6 and pool.kv.available_size() == 0  # the limit: 3 pages, all mapped
+
+    with pool.step():  # as vLLM's scheduler: says what it needs, checks, takes
+        pool.expect(4)
+        assert pool.get_num_free_blocks() == 6  # no new memory: the cached blocks make up the count
+        taken = pool.get_new_blocks(4)
+    # Evicting by age would take 2, 3, 16, 17 and leave 18 and 19 pinning page 2; the whole of page 2 goes instead.
+    assert [b.block_id for b in taken] == [16, 17, 18, 19]
+    assert sorted(pool._cached) == [2, 3] and is_cached(pool, 2) and is_cached(pool, 3)
+    assert not any(is_cached(pool, i) for i in (16, 17, 18, 19))
+
+    pool.free_blocks(taken + second + first[:1])  # no hashes: back to the manager at once
+    # Idle: page 0 (the null block and the two cached blocks) is all that stays mapped.
+    assert pool.kv.memory_stats().used_bytes == PAGE and pool.kv.memory_stats().premapped_bytes == 0
+
+
+def test_an_admission_check_holds_nothing_and_counts_what_could_be_mapped(pool):
+    with pool.step():
+        pool.expect(100, admission=True)  # will a 100-block prompt fit? (vLLM then compares with the answer)
+        assert pool.get_num_free_blocks() == 3 + 2 * 4  # page 0's 3 free blocks, and 2 more pages under the limit
+        assert pool.kv.num_allocated() == 1  # the null block only: nothing held
+        pool.expect(2)  # the first chunk's blocks: held, so promised
+        assert pool.get_num_free_blocks() == 2 and pool.kv.num_allocated() == 3
+    assert pool.kv.num_allocated() == 1  # the step is over: held blocks went back
+
+
+def test_a_pool_whose_worker_is_out_of_memory_promises_nothing_and_raises_nothing(tmp_path, monkeypatch):
+    children = []
+
+    def follow(path: str):
+        children.append(Child(path, "cpu"))
+        return children[0].close
+
+    pool, stop = make_pool(tmp_path, monkeypatch, follow)
+    worker = children[0]
+    try:
+        assert worker.ask("oom on") == "oom on"  # the OS refuses every new mapping (another engine took the memory)
+        with pool.step():  # what vLLM's scheduler does for one request needing 4 blocks: 3 on page 0, 1 on page 1
+            pool.expect(4)
+            assert pool.get_num_free_blocks() == 0  # nothing promised: vLLM waits, as with a full pool
+        assert pool.kv.memory_stats().used_bytes == PAGE and worker.pages() == [0]  # page 1 went back
+        assert worker.ask("oom off") == "oom off"
+        with pool.step():
+            pool.expect(4)
+            assert pool.get_num_free_blocks() == 4
+            assert [b.block_id for b in pool.get_new_blocks(4)] == [1, 2, 3, 8]
+        assert worker.pages() == [0, 1]
+    finally:
+        pool.shutdown()
+        stop()
+
+
+def test_stale_page_tables_are_removed_by_pid_and_start_time(tmp_path):
+    me, my_ticks = os.getpid(), start_ticks(os.getpid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    paths = {
+        "mine": tmp_path / f"kvcached-pages.model.{me}.{my_ticks}",  # this live process: kept
+        "reused pid": tmp_path / f"kvcached-pages.model.{me}.{my_ticks - 1}",  # same pid, another process: removed
+        "dead": tmp_path / f"kvcached-pages.a.b.{int(dead.stdout)}.{my_ticks}",  # exited: removed
+        "dead's FIFO": tmp_path / f"kvcached-pages.a.b.{int(dead.stdout)}.{my_ticks}.wake",  # removed with it
+        "other file": tmp_path / "kvcached.model",  # a registry segment: not a page table, kept
+    }
+    for path in paths.values():
+        path.write_bytes(b"")
+    removed = planning.remove_stale_tables(str(tmp_path))
+    assert sorted(removed) == sorted(str(paths[k]) for k in ("reused pid", "dead", "dead's FIFO"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(paths[k].name for k in ("mine", "other file"))
+
+
+def test_the_page_table_lives_in_the_configured_directory(tmp_path):
+    path = planning.page_table_path(str(tmp_path), "llama")
+    assert path == str(tmp_path / f"kvcached-pages.llama.{os.getpid()}.{start_ticks(os.getpid())}")
