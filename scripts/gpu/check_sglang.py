@@ -264,8 +264,9 @@ def limited_burst(engine, gpu: Gpu, args, vocab: int, ipc_name: str) -> dict:
 
 
 def limit_held(samples: list[dict], limit_mib: float) -> dict:
-    """When the engine applied the limit (the first sample of its record showing it), and the samples after that
-    mapped more than max(limit, the least in use seen since)."""
+    """When the engine applied the limit (the first sample of its record showing it), the samples after that which
+    mapped more than max(limit, the least in use seen since), and when mapped memory was down to the limit while the
+    burst still ran (None: only after it, if at all)."""
     applied = next((i for i, s in enumerate(samples) if s["limit_mib"] == limit_mib), None)
     if applied is None:
         return {"applied_t": None, "used_at_applied_mib": None, "over_bound": None, "down_to_limit_t": None}
@@ -274,7 +275,7 @@ def limit_held(samples: list[dict], limit_mib: float) -> dict:
         lowest = min(lowest, s["used_mib"])
         if s["mapped_mib"] > max(limit_mib, lowest):
             over.append({"t": s["t"], "mapped_mib": s["mapped_mib"], "bound_mib": max(limit_mib, lowest)})
-    down = next((s["t"] for s in samples[applied:] if s["mapped_mib"] <= limit_mib), None)
+    down = next((s["t"] for s in samples[applied:-1] if s["mapped_mib"] <= limit_mib), None)  # the last: after
     return {"applied_t": samples[applied]["t"], "used_at_applied_mib": samples[applied]["used_mib"],
             "over_bound": over, "down_to_limit_t": down}
 
