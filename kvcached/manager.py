@@ -172,10 +172,11 @@ class KVCacheManager:
                 self._free_in_page.setdefault(first, []).extend(ids)
                 touched = (first,)
             else:
-                touched = set()
+                touched = {}
                 for block in ids:
-                    self._free_in_page.setdefault(block // m, []).append(block)
-                    touched.add(block // m)
+                    touched.setdefault(block // m, []).append(block)
+                for page, blocks in touched.items():
+                    self._free_in_page.setdefault(page, []).extend(blocks)
             self._num_free += len(ids)
             for page in touched:
                 self._settle(page)
