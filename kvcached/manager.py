@@ -2,12 +2,14 @@
 
 Note: a page holds G blocks of every layer (see layout.py); the engine thinks in blocks. Memory goes back to the
 device only when a page has no block in use, so placement decides how much an idle engine holds: alloc() fills the
-fullest partly used page first (best fit), which keeps few pages partly used, and a page whose last block is freed goes
-back to the page allocator at once. Within a page, a fresh page hands out ascending ids and freed blocks are reused
-last-freed-first (no sorting on the hot path). alloc() never raises for lack of memory: it returns None and changes nothing, and
-the engine waits or preempts as it does when its own pool is full. Every call is validated before anything changes,
-so a bad call (double free, an id never handed out) raises and leaves the state as it was. One lock makes the manager
-safe for several threads; the page allocator below it has its own.
+fullest partly used page first (best fit), which keeps few pages partly used, and a page whose last block is freed
+goes back to the page allocator at once. While a lowered limit is below the pages in use, the emptiest pages take no
+new blocks, so that they drain and memory comes down to the limit as the engine frees. Within a page, a fresh page
+hands out ascending ids and freed blocks are reused last-freed-first (no sorting on the hot path). alloc() never
+raises for lack of memory: it returns None and changes nothing, and the engine waits or preempts as it does when its
+own pool is full. Every call is validated before anything changes, so a bad call (double free, an id never handed out)
+raises and leaves the state as it was. One lock makes the manager safe for several threads; the page allocator below
+it has its own.
 """
 
 from __future__ import annotations
@@ -137,7 +139,10 @@ class KVCacheManager:
         g = self.layout.blocks_per_page
         with self._lock:
             self._check_open()
-            new_pages = ceil_div(n - self._num_free, g) if n > self._num_free else 0
+            over = self.pages.pages_over_limit()
+            if over and n > self._kept_free_blocks(over):
+                return None
+            new_pages = ceil_div(n - self._num_free, g) if n > self._num_free and not over else 0
             if new_pages and new_pages > self.pages.available_pages(ignore_headroom):
                 return None
             if not self._map_pages(new_pages, ignore_headroom):
@@ -167,10 +172,11 @@ class KVCacheManager:
                 self._free_in_page.setdefault(first, []).extend(ids)
                 touched = (first,)
             else:
-                touched = set()
+                touched = {}
                 for block in ids:
-                    self._free_in_page.setdefault(block // m, []).append(block)
-                    touched.add(block // m)
+                    touched.setdefault(block // m, []).append(block)
+                for page, blocks in touched.items():
+                    self._free_in_page.setdefault(page, []).extend(blocks)
             self._num_free += len(ids)
             for page in touched:
                 self._settle(page)
@@ -187,7 +193,7 @@ class KVCacheManager:
         """Blocks alloc() can hand out now: free blocks in mapped pages plus the pages still allowed."""
         with self._lock:
             self._check_open()
-            return self._num_free + self.pages.available_pages() * self.layout.blocks_per_page
+            return self._available_blocks()
 
     def num_allocated(self) -> int:
         with self._lock:
@@ -230,7 +236,7 @@ class KVCacheManager:
             return BlockStats(
                 allocated_blocks=len(self._allocated),
                 free_blocks_in_mapped_pages=self._num_free,
-                available_blocks=self._num_free + self.pages.available_pages() * self.layout.blocks_per_page,
+                available_blocks=self._available_blocks(),
             )
 
     def shutdown(self) -> None:
@@ -272,6 +278,18 @@ class KVCacheManager:
 
     def _is_id(self, block: object) -> bool:
         return isinstance(block, int) and self.layout.is_valid(block)
+
+    def _available_blocks(self) -> int:
+        over = self.pages.pages_over_limit()
+        if over:
+            return self._kept_free_blocks(over)
+        return self._num_free + self.pages.available_pages() * self.layout.blocks_per_page
+
+    def _kept_free_blocks(self, over: int) -> int:
+        """Free blocks alloc() may hand out while `over` pages in use are above the limit: those of all but the
+        `over` emptiest pages. alloc() fills the fullest page first, so it never touches those: they drain as the
+        engine frees, and each is unmapped when its last block is freed."""
+        return self._num_free - sum(heapq.nlargest(over, map(len, self._free_in_page.values())))
 
     def _map_pages(self, count: int, ignore_headroom: bool = False) -> bool:
         """Add `count` fresh pages; on a shortfall, give back those already taken and return False."""

@@ -8,10 +8,11 @@ Driver calls are made without holding the lock, so the engine's thread never wai
 pages being mapped or unmapped are counted as mapped meanwhile, so the limit holds at every instant.
 
 The limit (bytes) can change at any time: raising it takes effect at once; lowering it unmaps premapped pages at once,
-in the caller's thread, and never touches a page in use: the excess shows as a deficit until the engine frees it, and
-no page is mapped while mapped memory is at or above the limit. Before mapping, the device must stay under
-KVCACHED_GPU_UTILIZATION of its total memory, as the driver (or OS) reports its free memory: several engines on one
-device each check this, so one cannot take the last memory another one needs to make progress.
+in the caller's thread, and never touches a page in use: the excess shows as a deficit until the engine frees it, a
+page freed meanwhile is unmapped at once (in the freeing thread, not put in the reserve), and no page is mapped while
+mapped memory is at or above the limit. Before mapping, the device must stay under KVCACHED_GPU_UTILIZATION of its
+total memory, as the driver (or OS) reports its free memory: several engines on one device each check this, so one
+cannot take the last memory another one needs to make progress.
 """
 
 from __future__ import annotations
@@ -122,20 +123,33 @@ class PageAllocator:
         return mapped
 
     def free(self, page: int) -> None:
-        """Give back a page from alloc(); it joins the reserve or is unmapped, never reused while in use."""
+        """Give back a page from alloc(); it joins the reserve, or is unmapped at once while mapped memory is above
+        the limit, so that memory comes down to a lowered limit as pages are freed."""
         with self._lock:
             self._check_open()
             if page not in self._in_use:
                 raise ValueError(f"page {page} is not in use")
             self._in_use.remove(page)
-            self._reserve.append(page)
+            over_limit = self._mapped_pages() >= self._limit_pages  # counting the page: the limit fell below use
+            if over_limit:
+                self._in_flight += 1
+            else:
+                self._reserve.append(page)
             self._after_change()
-        self._kick()
+        if over_limit:  # unmapped now, in the caller's thread: never handed out again above the limit
+            self._unmap_all([page])
+        else:
+            self._kick()
 
     def available_pages(self, ignore_headroom: bool = False) -> int:
         """Pages alloc() can hand out now: the reserve plus what may still be mapped."""
         with self._lock:
             return len(self._reserve) + self._mappable_pages(ignore_headroom)
+
+    def pages_over_limit(self) -> int:
+        """Pages in use above the limit (it was lowered below them): they are unmapped as they are freed."""
+        with self._lock:
+            return max(0, len(self._in_use) - self._limit_pages)
 
     def pages_in_use(self) -> frozenset[int]:
         with self._lock:
@@ -184,7 +198,9 @@ class PageAllocator:
             for page in to_map:
                 if page not in mapped:
                     heapq.heappush(self._unmapped, page)
+            late = self._take_reserve(self._mapped_pages() - self._limit_pages)  # the limit fell while mapping
             self._after_change()
+        self._unmap_all(late)
         return bool(to_unmap or mapped)
 
     def close(self) -> None:

@@ -88,6 +88,26 @@ def test_resize_grows_at_once_and_shrinking_never_takes_blocks_in_use(make_manag
     assert manager.memory_stats().used_bytes == PAGE
 
 
+def test_below_a_lowered_limit_the_emptiest_pages_take_no_new_blocks_and_are_unmapped_as_freed(make_manager):
+    manager = make_manager(config=quiet_config(max_reserved_pages=4, trim_idle_s=60))
+    ids = manager.alloc(4 * BLOCKS_PER_PAGE - 1)  # pages 0-3, full
+    on_page = {p: [b for b in ids if b // IDS_PER_PAGE == p] for p in range(4)}
+    manager.free(on_page[0][:10] + on_page[1][:101] + on_page[3][:212])  # page 2 stays full
+    manager.resize(2 * PAGE)  # two pages above the limit: the two emptiest, 3 and 1, take no new blocks
+    assert manager.memory_stats().used_bytes == 4 * PAGE
+    assert manager.available_size() == 10
+    assert manager.alloc(11) is None
+    assert sorted(manager.alloc(10)) == on_page[0][:10]  # page 0's, the fullest
+    manager.free(on_page[3][212:])  # page 3 is empty: unmapped, not kept in the reserve
+    stats = manager.memory_stats()
+    assert (stats.used_bytes, stats.premapped_bytes, manager.available_size()) == (3 * PAGE, 0, 0)
+    manager.free(on_page[1][101:])
+    stats = manager.memory_stats()
+    assert (stats.used_bytes, stats.premapped_bytes, manager.available_size()) == (2 * PAGE, 0, 0)
+    manager.free(on_page[2][:5])  # at the limit, no longer above it: freed blocks are handed out again
+    assert manager.available_size() == 5
+
+
 def test_resize_to_none_removes_the_limit(make_manager):
     manager = make_manager(limit_bytes=PAGE)
     manager.resize(None)

@@ -50,6 +50,54 @@ def test_lowering_the_limit_unmaps_the_reserve_at_once(make_manager, device):
     manager.free(held)
 
 
+def test_a_page_freed_above_a_lowered_limit_is_unmapped_at_once_not_kept_for_the_next_alloc(make_manager, device):
+    manager = make_manager(background=True, config=quiet_config(min_reserved_pages=1, max_reserved_pages=4, trim_idle_s=60))
+    held = [manager.alloc(BLOCKS_PER_PAGE) for _ in range(4)]  # pages 1-4, the null block's page 0
+    manager.resize(2 * PAGE)
+    assert wait_until(lambda: manager.memory_stats().premapped_bytes == 0, timeout=30)
+    before = device_used_bytes(device)
+    manager.free(held.pop())
+    stats = manager.memory_stats()  # no wait: the mapper has no part in it
+    assert (stats.used_bytes, stats.premapped_bytes) == (4 * PAGE, 0)
+    assert before - device_used_bytes(device) >= PAGE - (2 << 20)
+    assert manager.alloc(1) is None  # nothing to hand out above the limit, not even the page just freed
+    for ids in held:
+        manager.free(ids)
+    assert manager.memory_stats().mapped_bytes <= 2 * PAGE
+
+
+def test_pages_the_mapper_was_mapping_when_the_limit_fell_are_unmapped_before_anyone_can_take_them(device):
+    vmm = open_vmm(device)
+    base = vmm.reserve(8 * CAP_PAGE)
+    gate, mapping = threading.Event(), threading.Event()
+    real_map = vmm.map
+
+    def map_held_in_the_mapper(address: int, size: int) -> None:
+        if threading.current_thread().name == "kvcached-mapper":
+            mapping.set()
+            gate.wait(300)
+        real_map(address, size)
+
+    vmm.map = map_held_in_the_mapper
+    seen: list = []
+    pages = PageAllocator(vmm, base, CAP_PAGE, 8, min_reserved=2, max_reserved=2, utilization=1.0, trim_idle_s=60,
+                          background=True, on_change=seen.append)
+    try:
+        assert pages.alloc() == 0  # mapped in this thread; the mapper starts premapping 2 pages, and is held there
+        assert mapping.wait(300)
+        pages.set_limit(CAP_PAGE)  # one page, in use: the 2 pages being mapped are above it
+        published = len(seen)
+        gate.set()
+        assert wait_until(lambda: len(seen) >= published + 2, timeout=300)  # the mapper's pass, and its unmapping
+        assert pages.alloc() is None
+        assert [(s.used_bytes, s.premapped_bytes) for s in seen[published:]] == [(CAP_PAGE, 0)] * 2
+    finally:
+        gate.set()
+        pages.close()
+        vmm.unreserve(base, 8 * CAP_PAGE)
+        vmm.close()
+
+
 def test_background_mapper_fills_the_reserve_without_being_asked(make_manager):
     manager = make_manager(background=True, config=quiet_config(min_reserved_pages=3, max_reserved_pages=4, trim_idle_s=30))
     assert wait_until(lambda: manager.memory_stats().premapped_bytes == 3 * PAGE, timeout=30)

@@ -9,12 +9,16 @@ On the GPU machine, from the project's root, after the SGLang bundle is unpacked
 Two engine starts, vanilla first, then kvcached (ENABLE_KVCACHED=1 KVCACHED_AUTOPATCH=1 set before SGLang spawns its
 scheduler, whose start-up hook patches it), with the same settings: a random-weight Llama of --layers layers made from
 --model's config.json and tokenizer (load_format="dummy": SGLang's dummy weights are seeded, so both engines hold the
-same weights), triton attention, PyTorch sampling, no grammar backend, --enable-memory-saver, decode CUDA graphs. Each
-engine: 8 greedy prompts; GPU memory idle (NVML: the device, and each process of this process tree); two bursts of
---prompts random prompts (different prompts per burst, the same for both engines; the better burst counts) sampled
-every 50 ms for the peak; memory after the burst; release and resume of the KV cache (memory, and the 8 prompts again).
-kvcached only: `kvctl list --json` shows the instance, and a burst during which `kvctl limit NAME <--limit-mib>M` is set
-once the instance maps more than that (the samples show what it maps after). JSON goes to
+same weights), triton attention, PyTorch sampling, no grammar backend, --enable-memory-saver, decode CUDA graphs, at
+most --max-running requests at once. Each engine: 8 greedy prompts; GPU memory idle (NVML: the device, and each process
+of this process tree); a warm-up burst (not counted), then --repeats bursts of --prompts random prompts of
+--output-len tokens each (several seconds each; different prompts per burst, the same for both engines), sampled every
+50 ms for the peak, each starting from an idle engine; the throughput compared is the median burst's; memory after the
+burst; release and resume of the KV cache (memory, and the 8 prompts again). kvcached only: `kvctl list --json` shows
+the instance, and a burst of --limit-prompts during which `kvctl limit NAME <--limit-mib>M` is set once the instance
+maps twice that: the samples read the instance's record, so the first one showing the new limit marks when the engine
+applied it; from then on, mapped memory must stay within max(limit, the least in use seen since), and once the burst is
+over and the engine idle, within the limit. JSON goes to
 --out/check_sglang.json after every phase, so a run cut short still reports what it did. With --server, a third
 start: `python -m sglang.launch_server` with kvcached on --port (8600), whose greedy outputs over HTTP must equal the
 offline ones, and whose /release_memory_occupation and /resume_memory_occupation must free and restore the memory.
@@ -29,6 +33,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -111,7 +116,7 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         sample = {"t": round(time.monotonic() - self.t0, 3), "device_mib": self.gpu.device_mib()}
         if self.ipc_name:
-            sample["mapped_mib"] = mapped_bytes(self.ipc_name) / MIB
+            sample.update(instance_mib(self.ipc_name))
         self.samples.append(sample)
         if self.on_sample:
             self.on_sample(sample)
@@ -127,6 +132,15 @@ def mapped_bytes(ipc_name: str) -> int:
     from kvcached import registry
 
     return registry.read_instance(ipc_name).mapped_bytes
+
+
+def instance_mib(ipc_name: str) -> dict:
+    """The instance's record as the engine last published it: mapped, in use, and the limit it applies."""
+    from kvcached import registry
+
+    record = registry.read_instance(ipc_name)
+    return {"mapped_mib": record.mapped_bytes / MIB, "used_mib": record.used_bytes / MIB,
+            "limit_mib": record.limit_bytes / MIB}
 
 
 def kvctl(*args: str) -> subprocess.CompletedProcess:
@@ -184,6 +198,11 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
             part["idle"]["mapped_mib"] = mapped_bytes(ipc_name) / MIB
         log(f"{label}: idle {part['idle']}")
         save()
+        warmup = run_burst(engine, gpu, burst_prompts(1000, args.warmup_prompts, args.input_len, vocab),
+                           args.output_len, ipc_name)
+        part["warmup"] = {k: v for k, v in warmup.items() if k != "samples"}
+        log(f"{label}: warm-up burst (not counted): {warmup['wall_s']} s, {warmup['tok_per_s']} tok/s")
+        time.sleep(2.5)  # every burst starts from an idle engine (kvcached: its reserve given back)
         part["bursts"] = []
         for seed in range(args.repeats):
             prompts = burst_prompts(seed, args.prompts, args.input_len, vocab)
@@ -193,11 +212,14 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
             if ipc_name:
                 burst["after"]["mapped_mib"] = mapped_bytes(ipc_name) / MIB
             part["bursts"].append(burst)
-            log(f"{label}: burst {seed}: {burst['tok_per_s']} tok/s, peak {burst['peak_device_mib']} MiB on the "
-                f"device{', mapped ' + str(burst.get('peak_mapped_mib')) + ' MiB' if ipc_name else ''}; after "
+            log(f"{label}: burst {seed + 1}/{args.repeats}: {burst['wall_s']} s, {burst['tok_per_s']} tok/s, peak "
+                f"{burst['peak_device_mib']} MiB on the device"
+                f"{', mapped ' + str(burst.get('peak_mapped_mib')) + ' MiB' if ipc_name else ''}; after "
                 f"{burst['after']['device_mib']} MiB")
             save()
-        part["best_tok_per_s"] = max(b["tok_per_s"] for b in part["bursts"])
+        part["tok_per_s"] = [b["tok_per_s"] for b in part["bursts"]]
+        part["median_tok_per_s"] = statistics.median(part["tok_per_s"])
+        log(f"{label}: bursts {part['tok_per_s']} tok/s, median {part['median_tok_per_s']}")
         if ipc_name:
             part["limited_burst"] = limited_burst(engine, gpu, args, vocab, ipc_name)
             save()
@@ -210,30 +232,52 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
 
 
 def limited_burst(engine, gpu: Gpu, args, vocab: int, ipc_name: str) -> dict:
-    """A burst during which `kvctl limit` caps the instance, set once it maps more than the limit."""
-    limit = args.limit_mib * MIB
-    applied: dict = {}
+    """A burst during which `kvctl limit` caps the instance, requested once it maps twice the limit."""
+    limit_mib = float(args.limit_mib)
+    requested: dict = {}
 
-    def set_limit(sample):
+    def set_limit():
+        t0 = time.monotonic()
         out = kvctl("limit", ipc_name, f"{args.limit_mib}M")
-        applied.update(rc=out.returncode, output=(out.stdout + out.stderr).strip())
+        requested.update(rc=out.returncode, kvctl_s=round(time.monotonic() - t0, 3),
+                         output=(out.stdout + out.stderr).strip())
 
     def on_sample(sample):  # kvctl runs beside the sampler, which keeps sampling meanwhile
-        if not applied and sample["mapped_mib"] * MIB > limit:
-            applied.update(t=sample["t"], mapped_mib=sample["mapped_mib"])
-            threading.Thread(target=set_limit, args=(sample,), daemon=True).start()
+        if not requested and sample["mapped_mib"] > 2 * limit_mib:
+            requested.update(t=sample["t"], mapped_mib=sample["mapped_mib"])
+            threading.Thread(target=set_limit, daemon=True).start()
 
-    prompts = burst_prompts(100, args.prompts, args.input_len, vocab)
-    burst = run_burst(engine, gpu, prompts, 2 * args.output_len, ipc_name, on_sample)  # longer: the cap has time
+    prompts = burst_prompts(100, args.limit_prompts, args.input_len, vocab)
+    burst = run_burst(engine, gpu, prompts, args.output_len, ipc_name, on_sample)
+    time.sleep(2.5)  # idle: the engine's idle hook trims its prefix cache and reserve
+    idle = instance_mib(ipc_name)
     lifted = kvctl("limit", ipc_name, "none")
-    after = [s["mapped_mib"] for s in burst["samples"] if applied and s["t"] > applied["t"] + 0.2]
-    result = {"limit_mib": args.limit_mib, "applied": applied, "lifted_rc": lifted.returncode,
-              "max_mapped_after_limit_mib": round(max(after), 1) if after else None,
-              "last_mapped_mib": round(burst["samples"][-1]["mapped_mib"], 1), **burst}
-    log(f"limited burst: limit {args.limit_mib} MiB applied at {applied.get('t')} s with "
-        f"{applied.get('mapped_mib')} MiB mapped; max mapped after {result['max_mapped_after_limit_mib']} MiB; "
-        f"{burst['requests']} requests, {burst['output_tokens']} tokens, {burst['tok_per_s']} tok/s")
+    result = {"limit_mib": args.limit_mib, "requested": requested, **limit_held(burst["samples"], limit_mib),
+              "idle_after": idle, "idle_within_limit": idle["mapped_mib"] <= limit_mib, "lifted_rc": lifted.returncode,
+              **burst}
+    log(f"limited burst: limit {args.limit_mib} MiB requested at {requested.get('t')} s "
+        f"({requested.get('mapped_mib')} MiB mapped), applied by {result['applied_t']} s with "
+        f"{result['used_at_applied_mib']} MiB in use; over the bound after: {result['over_bound']}; down to the limit "
+        f"at {result['down_to_limit_t']} s; idle after: {idle['mapped_mib']} MiB mapped; {burst['finished_at_length']}"
+        f"/{burst['requests']} finished, {burst['tok_per_s']} tok/s")
     return result
+
+
+def limit_held(samples: list[dict], limit_mib: float) -> dict:
+    """When the engine applied the limit (the first sample of its record showing it), the samples after that which
+    mapped more than max(limit, the least in use seen since), and when mapped memory was down to the limit while the
+    burst still ran (None: only after it, if at all)."""
+    applied = next((i for i, s in enumerate(samples) if s["limit_mib"] == limit_mib), None)
+    if applied is None:
+        return {"applied_t": None, "used_at_applied_mib": None, "over_bound": None, "down_to_limit_t": None}
+    lowest, over = samples[applied]["used_mib"], []
+    for s in samples[applied:]:
+        lowest = min(lowest, s["used_mib"])
+        if s["mapped_mib"] > max(limit_mib, lowest):
+            over.append({"t": s["t"], "mapped_mib": s["mapped_mib"], "bound_mib": max(limit_mib, lowest)})
+    down = next((s["t"] for s in samples[applied:-1] if s["mapped_mib"] <= limit_mib), None)  # the last: after
+    return {"applied_t": samples[applied]["t"], "used_at_applied_mib": samples[applied]["used_mib"],
+            "over_bound": over, "down_to_limit_t": down}
 
 
 def release_resume(engine, gpu: Gpu, greedy: list[str], ipc_name: str | None) -> dict:
@@ -257,11 +301,14 @@ def main() -> None:
     p.add_argument("--model", required=True, help="folder with config.json and the tokenizer (e.g. /tmp/sg/tok)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for check_sglang.json (default $OUT)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=256, help="requests per burst")
+    p.add_argument("--prompts", type=int, default=1024, help="requests per measured burst")
     p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2, help="bursts per engine (different prompts each)")
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3, help="measured bursts per engine (different prompts each)")
+    p.add_argument("--warmup-prompts", type=int, default=256, help="requests of the warm-up burst (not counted)")
+    p.add_argument("--max-running", type=int, default=256, help="SGLang's max_running_requests (both engines)")
     p.add_argument("--limit-mib", type=int, default=128, help="the kvctl limit set during the limited burst")
+    p.add_argument("--limit-prompts", type=int, default=256, help="requests of the limited burst")
     p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=256)
     p.add_argument("--only", choices=("vanilla", "kvcached", "server"), help="run one phase only")
@@ -290,6 +337,7 @@ def main() -> None:
     engine_kwargs = dict(model_path=model, load_format="dummy", attention_backend="triton", sampling_backend="pytorch",
                          grammar_backend="none", random_seed=0, mem_fraction_static=args.mem_fraction,
                          enable_memory_saver=True, cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
+                         max_running_requests=args.max_running,
                          disable_prefill_cuda_graph=True, log_level="warning")
     results["engine_kwargs"] = engine_kwargs
     results["device_before_mib"] = gpu.device_mib()
@@ -412,8 +460,9 @@ def summarize(results: dict) -> None:
     summary = results["summary"] = {}
     if "greedy" in vanilla and "greedy" in elastic:
         summary["greedy_outputs_identical"] = vanilla["greedy"] == elastic["greedy"]
-    if "best_tok_per_s" in vanilla and "best_tok_per_s" in elastic:
-        summary["throughput_ratio"] = round(elastic["best_tok_per_s"] / vanilla["best_tok_per_s"], 3)
+    if "median_tok_per_s" in vanilla and "median_tok_per_s" in elastic:
+        summary["vanilla_tok_per_s"], summary["kvcached_tok_per_s"] = vanilla["tok_per_s"], elastic["tok_per_s"]
+        summary["throughput_ratio_of_medians"] = round(elastic["median_tok_per_s"] / vanilla["median_tok_per_s"], 3)
     for label, part in (("vanilla", vanilla), ("kvcached", elastic)):
         if "idle" in part:
             summary[f"{label}_idle_tree_mib"] = part["idle"]["tree_mib"]
@@ -433,7 +482,10 @@ def summarize(results: dict) -> None:
     if "limited_burst" in elastic:
         lb = elastic["limited_burst"]
         summary["limit_mib"] = lb["limit_mib"]
-        summary["max_mapped_after_limit_mib"] = lb["max_mapped_after_limit_mib"]
+        summary["limit_used_at_applied_mib"] = lb["used_at_applied_mib"]
+        summary["limit_over_bound_samples"] = None if lb["over_bound"] is None else len(lb["over_bound"])
+        summary["limit_down_to_limit_t"] = lb["down_to_limit_t"]
+        summary["limit_idle_within_limit"] = lb["idle_within_limit"]
         summary["limited_burst_finished_at_length"] = f"{lb['finished_at_length']}/{lb['requests']}"
     log("summary " + json.dumps(summary))
 

@@ -1,0 +1,129 @@
+"""A limit lowered by an operator in the middle of an SGLang burst, with the background mapper on (host backend).
+
+`Scheduler` is SGLang's scheduling as far as memory goes: each step, under the limit lock (as autopatch.py holds it
+around get_next_batch_to_run), every running request gets one token, the newest are retracted while tokens are short,
+and waiting requests are admitted while their prompt fits; finished requests free their slots in one group after the
+step, outside the lock, as SGLang does after the forward pass. The limit comes from another thread through
+KVCacheManager.resize (the registry's watcher calls it so). Every change of memory is recorded in order by the
+manager's observer, under the page allocator's lock, so the bounds are checked at every alloc and free, not sampled.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from conftest import quiet_config
+from kvcached import KVCacheManager, KVGeometry, MemoryStats
+from kvcached.integrations.sglang.token_slots import TokenSlots
+
+PAGE, TOKENS_PER_PAGE = 2 << 20, 1024  # SGLang's rows of 4 layers x 2 heads x 64 dims in bf16, 256 KiB per piece
+
+
+class Recorder:
+    """The manager's observer: every published change of memory, in order."""
+
+    def __init__(self) -> None:
+        self.stats: list[MemoryStats] = []
+
+    def publish(self, stats: MemoryStats) -> None:
+        self.stats.append(stats)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Request:
+    prompt: int
+    output: int
+    slots: list[torch.Tensor] = field(default_factory=list)
+    decoded: int = 0
+
+
+class Scheduler:
+    def __init__(self, slots: TokenSlots, requests: list[Request]) -> None:
+        self.slots, self.waiting, self.running = slots, deque(requests), []
+        self.finished: list[Request] = []
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> None:
+        with self.slots.kv.limit_lock:
+            while self.running and self.slots.available_size() < len(self.running):
+                self._retract(self.running.pop())
+            if self.running:
+                for request, slot in zip(self.running, self.slots.alloc(len(self.running)).split(1)):
+                    request.slots.append(slot)
+                    request.decoded += 1
+            while self.waiting and self.slots.available_size() >= self.waiting[0].prompt + 64:
+                request = self.waiting.popleft()
+                request.slots.append(self.slots.alloc(request.prompt))
+                self.running.append(request)
+        done = [r for r in self.running if r.decoded == r.output]
+        self.running = [r for r in self.running if r.decoded < r.output]
+        self.slots.free_group_begin()
+        for request in done:
+            self.slots.free(torch.cat(request.slots))
+        self.slots.free_group_end()
+        self.finished += done
+
+    def _retract(self, request: Request) -> None:
+        self.slots.free(torch.cat(request.slots))
+        request.slots, request.decoded = [], 0
+        self.waiting.appendleft(request)
+
+
+def test_a_limit_lowered_mid_burst_is_never_exceeded_and_memory_comes_down_to_it_as_slots_are_freed():
+    recorder = Recorder()
+    geometry = KVGeometry(4, (1, 2, 64), torch.bfloat16)
+    kv = KVCacheManager(geometry, "cpu", virtual_bytes=32 * PAGE, background=True, observer=recorder,
+                        config=quiet_config(page_size_mb=0.25, min_reserved_pages=1, max_reserved_pages=4,
+                                            trim_idle_s=60.0))
+    try:
+        rng = random.Random(7)
+        requests = [Request(prompt=300, output=rng.randint(50, 400)) for _ in range(48)]
+        scheduler = Scheduler(TokenSlots(kv, 1, "cpu"), requests)
+        limit, over, applied = 4 * PAGE, threading.Event(), threading.Event()
+
+        def operator() -> None:  # `kvctl limit`, as the registry's watcher applies it
+            over.wait()
+            kv.resize(limit)
+            applied.set()
+
+        thread = threading.Thread(target=operator)
+        thread.start()
+        down_while_busy = False
+        for _ in range(20000):  # a guard against a scheduler that never finishes, not a time limit
+            if not scheduler.busy():
+                break
+            scheduler.step()
+            mapped = kv.memory_stats().mapped_bytes
+            if not over.is_set() and mapped > 2 * limit:
+                over.set()
+                applied.wait(300)  # the operator's request lands between two steps
+            down_while_busy |= applied.is_set() and scheduler.busy() and mapped <= limit
+            time.sleep(0.0002)  # the forward pass: the mapper thread runs meanwhile
+        thread.join()
+        assert sorted(r.output for r in scheduler.finished) == sorted(r.output for r in requests)
+        assert [r.decoded for r in scheduler.finished] == [r.output for r in scheduler.finished]
+
+        history = recorder.stats
+        first = next(i for i, s in enumerate(history) if s.limit_bytes == limit)
+        assert history[first].used_bytes > limit  # the limit came below what was in use: a deficit to give back
+        lowest_used, exceeded = history[first].used_bytes, []
+        for i, stats in enumerate(history[first:], first):
+            lowest_used = min(lowest_used, stats.used_bytes)
+            if stats.mapped_bytes > max(limit, lowest_used):
+                exceeded.append((i, stats.used_bytes // PAGE, stats.premapped_bytes // PAGE))
+        assert exceeded == []  # (change, pages in use, premapped pages) where mapped rose above the bound
+        assert down_while_busy  # came down to the limit while requests still ran, not only once all finished
+        assert kv.memory_stats().mapped_bytes <= limit
+    finally:
+        kv.shutdown()
