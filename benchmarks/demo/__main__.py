@@ -7,10 +7,10 @@
 Note (what): three experiments, each run with kvcached (ENABLE_KVCACHED=true KVCACHED_AUTOPATCH=1) and with vLLM's
 static pool: 1. bursty single model (bursty.py), 2. two models with alternating bursts (two_models.py), 3. three
 instances under intermittent peaks (peaks.py); and, on request (--experiments 4), kvcached only: 4. more models than
-fit at once behind kvcached-router, served on demand, warm vs cold TTFT (router.py). Output: a results folder with every memory sample and request (JSON),
-summary.txt, PNG plots (report.py, plots.py). All kvcached runs come first (instances a, b, c), then all baseline runs,
-so servers are reused across experiments (harness.py). On the CPU the model runs in float32 by default: on AVX2
-machines without bf16 units it decodes 2-3x faster than bf16.
+fit at once behind kvcached-router, served on demand, warm vs cold TTFT (router.py). Output: a results folder with
+every memory sample and request (JSON), summary.txt, PNG plots (report.py, plots.py). All kvcached runs come first
+(instances a, b, c), then all baseline runs, so servers are reused across experiments (harness.py). On the CPU the
+model runs in float32 by default: on AVX2 machines without bf16 units it decodes 2-3x faster than bf16.
 
 Limits: on 2 cores the servers compete for CPU, so absolute latencies are those of a small machine; compare modes, not
 machines. Without matplotlib (a bare GPU machine) the demo measures and writes its JSON and table; the plots are made

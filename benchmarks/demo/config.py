@@ -145,7 +145,8 @@ def resolve(args: argparse.Namespace) -> DemoConfig:
         context_tokens=pick("context_tokens"), pause=pick("pause"), idle=pick("idle"), e2_rounds=pick("e2_rounds"),
         e3_max_tokens=pick("e3_max_tokens"), e3_peak=pick("e3_peak"), e3_ramp=pick("e3_ramp"), e3_rate=rate,
         e3_gap=pick("e3_gap"), e3_budget=0,
-        e4_engine_memory=parse_size(args.e4_engine_memory or (E4_ENGINE_MEMORY_GPU if gpu else E4_ENGINE_MEMORY_CPU)), static_pool=static_pool, gpu_share=args.gpu_share if gpu else None,
+        e4_engine_memory=parse_size(args.e4_engine_memory or (E4_ENGINE_MEMORY_GPU if gpu else E4_ENGINE_MEMORY_CPU)),
+        static_pool=static_pool, gpu_share=args.gpu_share if gpu else None,
         enforce_eager=args.enforce_eager or not gpu, block_size=args.block_size or (16 if gpu else 128),
         max_model_len=args.max_model_len, kvcached_env=env, sample_hz=args.sample_hz,
         startup_timeout=args.startup_timeout, python=args.python, request_timeout=args.request_timeout)
