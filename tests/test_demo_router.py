@@ -58,6 +58,9 @@ def test_max_resident_counts_engines_holding_memory_at_one_tick():
     assert router.max_resident(samples, ["m1", "m2", "m3"]) == 3
     assert router.max_resident(samples, ["m1", "m2"]) == 2
     assert router.max_resident([], ["m1"]) == 0
+    sleeping_and_running = [{"t": 0.0, "server": "m1", "rss": 9, "gpu_used": 600},  # a sleeping engine's context
+                            {"t": 0.0, "server": "m2", "rss": 9, "gpu_used": 3000}]
+    assert router.max_resident(sleeping_and_running, ["m1", "m2"], "gpu_used", above=1000) == 1
 
 
 def test_warm_cold_ttft_by_label_of_successful_requests():
