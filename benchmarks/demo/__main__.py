@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment 3's total KV budget (default: --e3-peak requests of this model); each static "
                         "instance gets a third")
     m.add_argument("--e4-engine-memory", default=None,
-                   help="experiment 4: the memory one engine holds (default 1.7G on CPU, 2G on a GPU); each model's "
+                   help="experiment 4: the memory one engine holds (default 2.4G on CPU, 2G on a GPU); each model's "
                         "`memory` in the router's config is sized from it so that two engines fit and a third not")
     m.add_argument("--max-model-len", type=int, default=1024, help="vLLM --max-model-len (default 1024)")
     m.add_argument("--block-size", type=int, default=None, help="vLLM block size (default 128 on CPU, 16 on GPU)")
