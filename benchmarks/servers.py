@@ -233,18 +233,7 @@ class Server:
         """pid -> role ("api_server", "EngineCore", "Worker", or the process name) for the whole process tree."""
         if not self.alive():
             return {}
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return {}
-        out = {}
-        for p in procs:
-            try:
-                out[p.pid] = "api_server" if p.pid == root.pid else _role(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        return tree_pids(self.proc.pid)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -298,6 +287,22 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             continue
     return False
+
+
+def tree_pids(root_pid: int) -> dict[int, str]:
+    """pid -> role of a vLLM server's process tree: "api_server" for the root, then _role of each descendant."""
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    out = {}
+    for p in procs:
+        try:
+            out[p.pid] = "api_server" if p.pid == root.pid else _role(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def _role(p: psutil.Process) -> str:

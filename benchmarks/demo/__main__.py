@@ -6,10 +6,11 @@
 
 Note (what): three experiments, each run with kvcached (ENABLE_KVCACHED=true KVCACHED_AUTOPATCH=1) and with vLLM's
 static pool: 1. bursty single model (bursty.py), 2. two models with alternating bursts (two_models.py), 3. three
-instances under intermittent peaks (peaks.py). Output: a results folder with every memory sample and request (JSON),
-summary.txt, PNG plots (report.py, plots.py). All kvcached runs come first (instances a, b, c), then all baseline runs,
-so servers are reused across experiments (harness.py). On the CPU the model runs in float32 by default: on AVX2
-machines without bf16 units it decodes 2-3x faster than bf16.
+instances under intermittent peaks (peaks.py); and, on request (--experiments 4), kvcached only: 4. more models than
+fit at once behind kvcached-router, served on demand, warm vs cold TTFT (router.py). Output: a results folder with
+every memory sample and request (JSON), summary.txt, PNG plots (report.py, plots.py). All kvcached runs come first
+(instances a, b, c), then all baseline runs, so servers are reused across experiments (harness.py). On the CPU the
+model runs in float32 by default: on AVX2 machines without bf16 units it decodes 2-3x faster than bf16.
 
 Limits: on 2 cores the servers compete for CPU, so absolute latencies are those of a small machine; compare modes, not
 machines. Without matplotlib (a bare GPU machine) the demo measures and writes its JSON and table; the plots are made
@@ -25,14 +26,14 @@ import sys
 import time
 from typing import Optional
 
-from benchmarks.demo import bursty, peaks, two_models
+from benchmarks.demo import bursty, peaks, router, two_models
 from benchmarks.demo.config import DemoConfig, resolve, size_budget
 from benchmarks.demo.harness import T0, Harness, log, write_json
 from benchmarks.demo.report import compute_checks, failed_requests, make_plots, summary_table
 from benchmarks.modelinfo import DEFAULT_MODEL
 from benchmarks.servers import ServerError, check_model_dir, check_port_free, install_cleanup
 
-EXPERIMENTS = {1: bursty, 2: two_models, 3: peaks}
+EXPERIMENTS = {1: bursty, 2: two_models, 3: peaks, 4: router}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto",
                    help="model dtype passed to vLLM; auto: float32 on CPU (faster there without bf16 units), "
                         "the model's own on GPU")
-    g.add_argument("--experiments", default=None, help="comma list of 1,2,3 (default 1,2,3; with --quick 1,2)")
+    g.add_argument("--experiments", default=None,
+                   help="comma list of 1,2,3,4 (default 1,2,3; with --quick 1,2); 4, the router, runs in kvcached "
+                        "mode only")
     g.add_argument("--kvcached", choices=("both", "on", "off"), default="both",
                    help="run kvcached (on), the static-pool baseline (off), or both (default)")
     g.add_argument("--quick", action="store_true",
                    help="the shortened CI version: smaller bursts, experiments 1 and 2 (~5 min on 2 idle cores)")
     g.add_argument("--out", default=None, help="results folder (default benchmarks/results/demo-<time>)")
     g.add_argument("--port-base", type=int, default=8100,
-                   help="servers listen on 127.0.0.1:port-base+0..7 (default 8100)")
+                   help="servers listen on 127.0.0.1:port-base+0..7, experiment 4's router and engines on "
+                        "+8..+12 (default 8100)")
     w = p.add_argument_group("workload (defaults: full run / --quick; on a GPU where it differs)")
     w.add_argument("--bursts", type=int, help="experiment 1: bursts (3 / 2)")
     w.add_argument("--concurrency", type=int, help="requests per burst, experiments 1-2 (6 / 3; GPU 32 / 16)")
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--e3-budget", default=None,
                    help="experiment 3's total KV budget (default: --e3-peak requests of this model); each static "
                         "instance gets a third")
+    m.add_argument("--e4-engine-memory", default=None,
+                   help="experiment 4: the memory one engine holds (default 2.4G on CPU, 2G on a GPU); each model's "
+                        "`memory` in the router's config is sized from it so that two engines fit and a third not")
     m.add_argument("--max-model-len", type=int, default=1024, help="vLLM --max-model-len (default 1024)")
     m.add_argument("--block-size", type=int, default=None, help="vLLM block size (default 128 on CPU, 16 on GPU)")
     m.add_argument("--kvcached-env", action="append", default=[], metavar="KEY=VALUE",
@@ -114,8 +121,9 @@ def have_matplotlib() -> bool:
 def preflight(cfg: DemoConfig) -> None:
     """Everything that can be checked before any server starts: model and ports (raises ServerError)."""
     check_model_dir(cfg.model)
-    for i in range(8):
-        check_port_free(cfg.port_base + i, hint="choose another --port-base (the demo uses 8 ports from it)")
+    ports = 8 + (1 + router.MODELS if 4 in cfg.experiments else 0)
+    for i in range(ports):
+        check_port_free(cfg.port_base + i, hint=f"choose another --port-base (the demo uses {ports} ports from it)")
     if not have_matplotlib():
         log(f"WARNING: no matplotlib in {sys.executable}: no plots now; make them later where matplotlib is, with "
             f"python -m benchmarks.demo --replot {cfg.out}")

@@ -19,7 +19,7 @@ async def _traffic(h: Harness, run: dict, server: Server) -> None:
     async with h.client(cfg.max_tokens, first_index=0) as c:
         await h.hold(run, "idle", cfg.idle)
         for i in range(cfg.bursts):
-            await h.load(run, server, f"{i + 1}", f"{cfg.concurrency} at once",
+            await h.load(run, server.spec.name, f"{i + 1}", f"{cfg.concurrency} at once",
                          c.burst(server.url, server.spec.name, cfg.concurrency, f"burst {i + 1}"))
             await h.hold(run, f"pause {i + 1}", cfg.pause)
 

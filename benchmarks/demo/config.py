@@ -34,6 +34,10 @@ SIZES = {
     "e3_max_tokens": (96, 48), "e3_peak": (12, 9), "e3_ramp": (12.0, 10.0), "e3_rate": ("0.3,1.2", "0.3,1.5"),
     "e3_gap": (5.0, 4.0), "experiments": ("1,2,3", "1,2"),
 }
+# Experiment 4: one engine's memory, to size the router's `memory` so that two engines fit and a third does not.
+# CPU: a SmolLM2 engine (float32, kvcached, after bursts) took 2.1-2.6 GiB of available memory in the demo (the
+# router's log: free memory before each start); GPU: an estimate, to be measured
+E4_ENGINE_MEMORY_CPU, E4_ENGINE_MEMORY_GPU = "2.4G", "2G"
 GPU_SIZES = {
     "concurrency": (32, 16), "max_tokens": (256, 128), "context_tokens": (600, 300),
     "e3_max_tokens": (128, 64), "e3_peak": (48, 32), "e3_rate": ("4,40", "4,30"),
@@ -63,6 +67,7 @@ class DemoConfig:
     e3_rate: tuple[float, float]
     e3_gap: float
     e3_budget: int
+    e4_engine_memory: int  # experiment 4: what one engine is taken to hold, to size the router's `memory`
     static_pool: Optional[int]  # None on a GPU: vLLM sizes the pool within gpu_share
     gpu_share: Optional[float]  # --gpu-memory-utilization of every server on a GPU; None on the CPU
     enforce_eager: bool
@@ -114,8 +119,8 @@ def resolve(args: argparse.Namespace) -> DemoConfig:
         return (GPU_SIZES if gpu and name in GPU_SIZES else SIZES)[name][q]
 
     experiments = sorted({int(x) for x in str(pick("experiments")).split(",") if x.strip().isdigit()})
-    if not experiments or any(e not in (1, 2, 3) for e in experiments):
-        raise ValueError(f"--experiments must name 1, 2 and/or 3, got {pick('experiments')!r}")
+    if not experiments or any(e not in (1, 2, 3, 4) for e in experiments):
+        raise ValueError(f"--experiments must name 1, 2, 3 and/or 4, got {pick('experiments')!r}")
     rate = tuple(float(x) for x in str(pick("e3_rate")).split(","))
     if len(rate) != 2:
         raise ValueError(f"--e3-rate must be FROM,TO (requests/s), got {pick('e3_rate')!r}")
@@ -140,7 +145,9 @@ def resolve(args: argparse.Namespace) -> DemoConfig:
         bursts=pick("bursts"), concurrency=pick("concurrency"), max_tokens=pick("max_tokens"),
         context_tokens=pick("context_tokens"), pause=pick("pause"), idle=pick("idle"), e2_rounds=pick("e2_rounds"),
         e3_max_tokens=pick("e3_max_tokens"), e3_peak=pick("e3_peak"), e3_ramp=pick("e3_ramp"), e3_rate=rate,
-        e3_gap=pick("e3_gap"), e3_budget=0, static_pool=static_pool, gpu_share=args.gpu_share if gpu else None,
+        e3_gap=pick("e3_gap"), e3_budget=0,
+        e4_engine_memory=parse_size(args.e4_engine_memory or (E4_ENGINE_MEMORY_GPU if gpu else E4_ENGINE_MEMORY_CPU)),
+        static_pool=static_pool, gpu_share=args.gpu_share if gpu else None,
         enforce_eager=args.enforce_eager or not gpu, block_size=args.block_size or (16 if gpu else 128),
         max_model_len=args.max_model_len, kvcached_env=env, sample_hz=args.sample_hz,
         startup_timeout=args.startup_timeout, python=args.python, request_timeout=args.request_timeout)

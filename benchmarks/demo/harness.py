@@ -78,13 +78,7 @@ class Harness:
             name = f"static-{letter}" if pool == cfg.static_pool else f"part-{letter}"
         if name in self.servers and self.servers[name].alive():
             return self.servers[name]
-        extra = ["--dtype", cfg.dtype] if cfg.dtype != "auto" else []
-        extra += ["--block-size", str(cfg.block_size)]
-        spec = ServerSpec(name=name, model=cfg.model, port=cfg.port_base + PORT_ORDER.index(name),
-                          kvcached=(mode == "kvcached"), kv_cache_bytes=pool, max_model_len=cfg.max_model_len,
-                          device=cfg.device, enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_share,
-                          extra_args=extra, extra_env=dict(cfg.kvcached_env) if mode == "kvcached" else {},
-                          python=cfg.python)
+        spec = self.engine_spec(name, cfg.port_base + PORT_ORDER.index(name), mode == "kvcached", pool)
         if spec.kvcached:
             note = clear_persisted_limit(name)
             if note:
@@ -114,6 +108,16 @@ class Harness:
         self.results["servers"][name] = info
         log(f"{name} ready in {took:.0f}s (pids {info['pids']})")
         return server
+
+    def engine_spec(self, name: str, port: int, kvcached: bool, pool: Optional[int]) -> ServerSpec:
+        """The demo's vLLM server: the same arguments for every experiment and both modes."""
+        cfg = self.cfg
+        extra = ["--dtype", cfg.dtype] if cfg.dtype != "auto" else []
+        extra += ["--block-size", str(cfg.block_size)]
+        return ServerSpec(name=name, model=cfg.model, port=port, kvcached=kvcached, kv_cache_bytes=pool,
+                          max_model_len=cfg.max_model_len, device=cfg.device, enforce_eager=cfg.enforce_eager,
+                          gpu_memory_utilization=cfg.gpu_share, extra_args=extra,
+                          extra_env=dict(cfg.kvcached_env) if kvcached else {}, python=cfg.python)
 
     async def _warm_up(self, server: Server) -> None:
         async with LoadClient(max_tokens=8, request_timeout_s=120) as c:
@@ -148,17 +152,17 @@ class Harness:
         await asyncio.sleep(seconds)
         run["phases"].append({"name": name, "start": start, "end": self.now(), "server": None})
 
-    async def load(self, run: dict, server: Server, label: str, what: str,
+    async def load(self, run: dict, target: str, label: str, what: str,
                    requests: Awaitable[list[RequestResult]]) -> None:
-        """A phase of requests (a burst or a ramp) on one server: recorded as phase "burst <label>" with its
-        requests, and logged."""
+        """A phase of requests (a burst or a ramp) on one server or served model `target`: recorded as phase
+        "burst <label>" with its requests, and logged."""
         start = self.now()
         results = await requests
         end = self.now()
-        run["phases"].append({"name": f"burst {label}", "start": start, "end": end, "server": server.spec.name})
+        run["phases"].append({"name": f"burst {label}", "start": start, "end": end, "server": target})
         run["requests"] += [r.to_dict() for r in results]
         s = summarize(results, end - start)
-        log(f"  {label} on {server.spec.name}: {len(results)} requests ({what}) in {end - start:.1f}s, "
+        log(f"  {label} on {target}: {len(results)} requests ({what}) in {end - start:.1f}s, "
             f"ok {s['ok']}/{len(results)}, TTFT p50 {fmt_s(s['ttft_p50'])}s mean {fmt_s(s['ttft_mean'])}s "
             f"p99 {fmt_s(s['ttft_p99'])}s, ITL p50 {(s['itl_p50'] or 0) * 1000:.0f}ms, "
             f"{s['output_tok_per_s'] or 0:.0f} tok/s" + (f", errors {s['errors']}" if s["failed"] else ""))

@@ -24,7 +24,7 @@ async def _traffic(h: Harness, run: dict, servers: list[Server]) -> None:
         await h.hold(run, "idle", cfg.idle)
         for s in servers:
             label = f"ramp {s.spec.name}"
-            await h.load(run, s, label, f"{lo:g}->{hi:g}/s over {cfg.e3_ramp:g}s",
+            await h.load(run, s.spec.name, label, f"{lo:g}->{hi:g}/s over {cfg.e3_ramp:g}s",
                          c.ramp(s.url, s.spec.name, lo, hi, cfg.e3_ramp, label))
             await h.hold(run, f"gap {s.spec.name}", cfg.e3_gap)
 

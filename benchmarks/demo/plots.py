@@ -21,7 +21,8 @@ from benchmarks.analysis import GIB, MIB, series  # noqa: E402
 MODE_COLOR = {"kvcached": "#1f77b4", "static": "#ff7f0e"}
 MODE_STYLE = {"kvcached": "-", "static": "--"}
 MODE_LABEL = {"kvcached": "kvcached", "static": "static pool (vLLM)"}
-INSTANCE_COLORS = ["#1f77b4", "#2ca02c", "#d62728"]
+INSTANCE_COLORS = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd"]
+TEMP_COLOR = {"cold": "#4c72b0", "warm": "#dd8452"}
 
 
 def _run_series(samples: list[dict], run: dict, names: list[str], key: str) -> list[tuple[float, float]]:
@@ -175,7 +176,8 @@ def plot_memory_multi(runs: dict[str, dict], samples: list[dict], key: str, path
                                color=INSTANCE_COLORS[i % len(INSTANCE_COLORS)],
                                label=f"{name}: static pool {pools[name] / MIB:.0f} MiB")
                     values.append(pools[name] / MIB)
-        ax.set_title("KV cache memory per instance: kvcached mapped (solid) vs static pools (dashed)", fontsize=10)
+        ax.set_title("KV cache memory per instance: kvcached mapped (solid)"
+                     + (" vs static pools (dashed)" if pools and "static" in runs else ""), fontsize=10)
         ax.set_ylabel("KV memory (log)", fontsize=9)
         _log_mib_axis(ax, values)
         ax.grid(alpha=0.3)
@@ -231,6 +233,29 @@ def plot_ttft_bars(rows: list[tuple[str, dict[str, dict]]], path: str, title: st
         _headroom(ax, 1.25)
         ax.legend(fontsize=9, loc="upper left", ncol=2)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_warm_cold(stats: dict[str, dict], path: str, title: str) -> None:
+    """stats: {"cold"|"warm": {"requests", "mean", "p50", "max"}}. Grouped bars: mean, p50, max per label."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = ("mean", "p50", "max")
+    for j, temp in enumerate(("cold", "warm")):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(keys))]
+        vals = [stats[temp][k] or 0.0 for k in keys]
+        bars = ax.bar(xs, vals, 0.38, color=TEMP_COLOR[temp], alpha=0.85,
+                      label=f"{temp} ({stats[temp]['requests']} requests)")
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"TTFT {k}" for k in keys])
+    ax.set_ylabel("seconds")
+    ax.grid(alpha=0.3, axis="y")
+    _headroom(ax, 1.2)
+    ax.legend(fontsize=9, loc="upper left")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from benchmarks.analysis import add_kv_mapped, fmt_bytes, fmt_s, returns_to_floor
 from benchmarks.demo.config import LETTERS, MODES
+from benchmarks.loadgen import percentile
 
 FLOOR_TOLERANCE = 0.10  # "falls back to within 10% of its idle floor"
 KV_KEPT = 0.25  # kvcached's KV bytes after a burst: at most idle + 25% of the burst's growth
@@ -67,10 +68,39 @@ def compute_checks(results: dict) -> list[dict]:
                 "static_pool_stays_above_kvcached_idle",
                 f"the static pool's engine stays more than {FLOOR_TOLERANCE:.0%} above kvcached's idle memory "
                 f"after each burst", None if back is None else not back))
+    if "exp4/kvcached" in runs:
+        checks += _router_checks(runs["exp4/kvcached"], results.get("experiment4") or {})
     reqs = [r for run in runs.values() for r in run["requests"]]
     checks.append(_check("every_request_succeeded", f"every request of every run succeeded ({len(reqs)} requests)",
                          bool(reqs) and all(r["ok"] for r in reqs)))
     return checks
+
+
+def warm_cold_ttft(run: dict) -> dict[str, dict]:
+    """Experiment 4: TTFT (requests, mean, p50, max) of the successful requests labelled cold and warm (the label
+    starts the request's phase: the model's state in the router before the burst)."""
+    out = {}
+    for temp in ("cold", "warm"):
+        xs = [r["ttft"] for r in run["requests"] if r["ok"] and r["phase"].startswith(temp + " ")]
+        out[temp] = {"requests": len(xs), "mean": sum(xs) / len(xs) if xs else None, "p50": percentile(xs, 50),
+                     "max": max(xs, default=None)}
+    return out
+
+
+def _router_checks(run: dict, info: dict) -> list[dict]:
+    reqs = run["requests"]
+    tt = warm_cold_ttft(run)
+    cold, warm = tt["cold"]["mean"], tt["warm"]["mean"]
+    resident = info.get("max_resident")
+    return [
+        _check("router_no_5xx", f"no request through the router was answered 5xx ({len(reqs)} requests)",
+               bool(reqs) and not any(r["error"].startswith("HTTP 5") for r in reqs)),
+        _check(f"router_at_most_{info.get('fit')}_engines_resident",
+               f"at most {info.get('fit')} of the {info.get('models')} router's engines held memory at once "
+               f"(memory samples; most seen: {resident})", None if resident is None else resident <= info["fit"]),
+        _check("router_cold_ttft_above_warm", "through the router, cold requests' mean TTFT is above warm ones'",
+               None if cold is None or warm is None else cold > warm),
+    ]
 
 
 def failed_requests(results: dict, most: int = 10) -> list[str]:
@@ -124,6 +154,16 @@ def make_plots(results: dict, samples: list[dict], out_dir: str) -> list[str]:
         plots.plot_memory_multi(e3, samples, key, out("memory_exp3.png"),
                                 f"Experiment 3: three instances, a request ramp on one at a time, {model}", notes,
                                 pools)
+    e4 = runs.get("exp4/kvcached")
+    if e4:
+        info = results.get("experiment4") or {}
+        note = (f"{info.get('models')} models on demand, each needs {fmt_bytes(info.get('memory_each'))} of "
+                f"{fmt_bytes(info.get('free_at_start'))} free: {info.get('fit')} fit at once")
+        plots.plot_memory_multi({"kvcached": e4}, samples, key, out("memory_exp4.png"),
+                                f"Experiment 4: kvcached-router, more models than fit, {model}", {"kvcached": note})
+        plots.plot_warm_cold(warm_cold_ttft(e4), out("ttft_warm_cold.png"),
+                             f"Experiment 4: TTFT through kvcached-router, model running (warm) or not (cold), "
+                             f"{cfg['concurrency']} requests per burst")
     groups = []
     for exp in (1, 2, 3):
         for m in MODES:
@@ -147,6 +187,23 @@ def make_plots(results: dict, samples: list[dict], out_dir: str) -> list[str]:
     return written
 
 
+def _router_lines(run: dict, info: dict) -> list[str]:
+    tt = warm_cold_ttft(run)
+    lines = [f"  {info.get('models')} models, each needs {fmt_bytes(info.get('memory_each'))} of "
+             f"{fmt_bytes(info.get('free_at_start'))} free (an engine ~{fmt_bytes(info.get('engine_memory'))}): "
+             f"{info.get('fit')} fit; most engines resident at once: {info.get('max_resident')}"]
+    for temp in ("cold", "warm"):
+        t = tt[temp]
+        lines.append(f"  {temp:<5} TTFT mean {fmt_s(t['mean'])}s, p50 {fmt_s(t['p50'])}s, max {fmt_s(t['max'])}s "
+                     f"over {t['requests']} requests")
+    starts = [m.get("cold_start_seconds_count", 0) for m in (info.get("router_metrics") or {}).values()]
+    seconds = sum(m.get("cold_start_seconds_sum", 0) for m in (info.get("router_metrics") or {}).values())
+    if sum(starts):
+        lines.append(f"  router: {sum(starts):.0f} cold starts, mean {fmt_s(seconds / sum(starts))}s "
+                     f"(kvcached_router_cold_start_seconds)")
+    return lines
+
+
 def summary_table(results: dict) -> str:
     cfg = results["config"]
     runs = results["runs"]
@@ -159,7 +216,8 @@ def summary_table(results: dict) -> str:
     hdr = (f"  {'mode':<9} {'server':<9} {'idle':>7} {'peak':>7} {'after release (each burst)':<28} {'flex':>7} "
            f"{'TTFT p50/p95 s':>15} {'e2e p50/p95 s':>14} {'ok':>7}")
     titles = {1: "Experiment 1: bursty single model", 2: "Experiment 2: two models, alternating bursts",
-              3: "Experiment 3: three instances, intermittent peak (ramp) load"}
+              3: "Experiment 3: three instances, intermittent peak (ramp) load",
+              4: "Experiment 4: kvcached-router, more models than fit at once, served on demand"}
     for exp in cfg["experiments"]:
         lines += ["", titles[exp], hdr]
         for m in MODES:
@@ -202,6 +260,8 @@ def summary_table(results: dict) -> str:
             mins, peaks = summ.get("min_over_run", {}), {k: v["peak"] for k, v in summ["memory"].items()}
             held = [f"{k} min/peak {mins[k] / peaks[k]:.2f}" for k in mins if mins[k] and peaks.get(k)]
             lines.append("  static pair fits; it holds its peak the whole time: " + ", ".join(held))
+        if exp == 4 and "exp4/kvcached" in runs:
+            lines += _router_lines(runs["exp4/kvcached"], results.get("experiment4") or {})
         if exp == 3:
             if "exp3/kvcached" in runs:
                 lines.append(f"  kvcached limits: {results.get('experiment3_limits')}")

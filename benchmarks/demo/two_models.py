@@ -21,7 +21,7 @@ async def _traffic(h: Harness, run: dict, a: Server, b: Server) -> None:
         for r in range(cfg.e2_rounds):
             for server, tag in ((a, "A"), (b, "B")):
                 label = f"{tag}{r + 1}"
-                await h.load(run, server, label, f"{cfg.concurrency} at once",
+                await h.load(run, server.spec.name, label, f"{cfg.concurrency} at once",
                              c.burst(server.url, server.spec.name, cfg.concurrency, f"burst {label}"))
                 await h.hold(run, f"pause {label}", cfg.pause)
 
