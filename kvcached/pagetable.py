@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import DriverError, KVCachedError
+from .units import ceil_div
 from .vmm import VirtualMemory
 from .vmm.probe import device_memory
 
@@ -66,7 +67,7 @@ def _layout(num_pages: int) -> dict[str, tuple[int, type]]:
     offsets, at = {}, _ARRAYS_AT
     for name, dtype in (("request", np.uint32), ("answered", np.uint32), ("wanted", np.uint8), ("state", np.uint8)):
         offsets[name] = (at, dtype)
-        at += -(-num_pages * np.dtype(dtype).itemsize // 8) * 8
+        at += ceil_div(num_pages * np.dtype(dtype).itemsize, 8) * 8
     offsets["end"] = (at, np.uint8)
     return offsets
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from ...units import ceil_div
 from .token_slots import TokenSlots
 
 
@@ -37,7 +38,7 @@ def shrink_when_idle(tree: PrefixCache, evict: Callable[[int], None], slots: Tok
     the reserve back."""
     if tree.protected_size() or slots.allocated_tokens() != tree.evictable_size():
         return  # requests hold tokens: their pages are needed anyway
-    allowed = 1 + -(-max_tokens // slots.tokens_per_page)
+    allowed = 1 + ceil_div(max_tokens, slots.tokens_per_page)
     while _pages_in_use(slots) > allowed and tree.evictable_size() > 0:
         before = tree.evictable_size()
         evict(1)  # the least recent leaf: at least one token, as little as possible

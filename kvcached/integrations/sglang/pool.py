@@ -25,7 +25,7 @@ from ...config import Config
 from ...layout import KVGeometry, KVLayout, piece_page_bytes
 from ...manager import KVCacheManager
 from ...opener import open_cache
-from ...units import format_size
+from ...units import ceil_div, format_size
 from ...vmm.probe import device_memory, granularity_of
 from .token_slots import TokenSlots
 
@@ -79,8 +79,8 @@ class ElasticMHATokenToKVPool(MHATokenToKVPool):
         granularity = granularity_of(device)
         piece = piece_page_bytes(config.page_size_bytes, device, geometry.block_bytes, granularity)
         layout = KVLayout(geometry, piece, granularity, elastic_virtual_bytes(config, device))
-        blocks = -(-self.size // self.page_size) + 1  # SGLang's budget plus the padding slot's block
-        pages = min(layout.num_pages, -(-blocks // layout.blocks_per_page))
+        blocks = ceil_div(self.size, self.page_size) + 1  # SGLang's budget plus the padding slot's block
+        pages = min(layout.num_pages, ceil_div(blocks, layout.blocks_per_page))
         kv = open_cache(geometry, device, virtual_bytes=pages * layout.page_bytes, config=config,
                         name=config.ipc_name or pending_ipc_name)
         stats = kv.memory_stats()

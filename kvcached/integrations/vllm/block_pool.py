@@ -33,7 +33,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from ...config import Config
 from ...opener import open_cache
 from ...pagetable import TableVirtualMemory
-from ...units import format_size
+from ...units import ceil_div, format_size
 from . import versions
 from .plan import current_plan, take_table
 
@@ -264,7 +264,7 @@ class ElasticBlockPool(BlockPool):
         if excess > 0:
             self._evict(self._eviction_order(excess))
         pages = self._cache_only_pages()
-        allowed = -(-self.max_cached_blocks // self.kv.layout.blocks_per_page)
+        allowed = ceil_div(self.max_cached_blocks, self.kv.layout.blocks_per_page)
         if len(pages) > allowed:
             self._evict([block for blocks in pages[: len(pages) - allowed] for block in blocks])
 
