@@ -7,12 +7,13 @@ kvcached is installed into the machine's Python (its start-up hook is a .pth, wh
         && python scripts/gpu/check_vllm.py tokens     # ~5 min: offline LLM, eager and CUDA graphs
     python scripts/gpu/check_vllm.py server            # ~6 min: OpenAI server, tokens + NVML memory per process
     python scripts/gpu/check_vllm.py race              # ~7 min: two servers whose bursts exceed the GPU
+    python scripts/gpu/check_vllm.py pair              # ~7 min: two servers, alternating bursts, `kvctl limit` on one
 
 Each part stays under 10 minutes (requests time out after 300 s, a server start after 300 s), writes
 $OUT/check_vllm_<part>.json (and the servers' logs under $OUT/logs/), prints progress, and exits 1 if
 a check failed. vLLM runs with its GPU defaults (CUDA graphs, async scheduling, prefix caching); kvcached is turned on
 by ENABLE_KVCACHED=true KVCACHED_AUTOPATCH=1 alone. Models: random-weight Llamas made by /tmp/vc/vllm_gpu_model.py
-(greedy outputs are deterministic): 4 layers for `tokens` and `server`, Llama-3.1-8B-shaped for `race`.
+(greedy outputs are deterministic): 4 layers for `tokens` and `server`, Llama-3.1-8B-shaped for `race` and `pair`.
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ class Gpu:
                 "processes": {str(p.pid): int(p.usedGpuMemory or 0) for p in procs}}
 
 
-def sampled(gpu: Gpu, work, period_s: float = 0.1):
-    """Run work() while NVML is read every `period_s`; returns its result and the snapshots."""
+def sampled(gpu: Gpu, work, period_s: float = 0.1, extra=dict):
+    """Run work() while NVML (and `extra()`, merged in) is read every `period_s`; returns its result and the snapshots."""
     samples, stop = [], threading.Event()
 
     def sample() -> None:
         while not stop.wait(period_s):
-            samples.append({"t": round(time.monotonic() - START, 2), **gpu.snapshot()})
+            samples.append({"t": round(time.monotonic() - START, 2), **gpu.snapshot(), **extra()})
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -308,6 +309,119 @@ def part_race(gpu: Gpu) -> dict:
             "samples": samples[::5]}
 
 
+PAIR_LIMIT = 4 << 30  # what `kvctl limit` gives server B in the middle of its second burst
+
+
+def kv_mapped(name: str) -> int:
+    """An instance's KV bytes mapped on the GPU, as its registry record says (what `kvctl list` shows)."""
+    from kvcached import registry
+
+    record = registry.read_instance(name)
+    return record.used_bytes + record.premapped_bytes
+
+
+def kvctl(*args: str) -> dict:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", *args], capture_output=True, text=True)
+    return {"argv": ["kvctl", *args], "rc": done.returncode, "output": (done.stdout + done.stderr).strip()[-400:],
+            "t": round(started - START, 2)}
+
+
+def part_pair(gpu: Gpu) -> dict:
+    """Two kvcached servers, bursts taking turns (A, B, then B again with `kvctl limit B 4G` issued 3 s into it):
+    each one's memory follows its own load, the limit caps B within the burst, A is untouched by B's bursts."""
+    large = model(LARGE)
+    requests, words, max_tokens = 64, 1900, 256
+    baseline = gpu.snapshot()["used"]
+    servers = {x: Server(f"pair-{x}", large, port, True) for x, port in (("a", 8430), ("b", 8431))}
+    names = {x: s.name for x, s in servers.items()}
+    phases, actions = {}, []
+    try:
+        ready = {x: s.wait_ready() for x, s in servers.items()}
+        pids = {x: s.pids() for x, s in servers.items()}
+
+        def figures() -> dict:
+            snap = gpu.snapshot()
+            out = {f"{x}_gpu": of(snap, pids[x], baseline) for x in servers}
+            out.update({f"{x}_kv": kv_mapped(names[x]) for x in servers})
+            return out
+
+        idle = figures()
+        log(f"ready in {ready}; idle {idle}")
+
+        def limited_burst() -> list:
+            timer = threading.Timer(3.0, lambda: actions.append(kvctl("limit", names["b"], str(PAIR_LIMIT))))
+            timer.start()
+            try:
+                return burst(servers["b"], requests, words, 2 * max_tokens)
+            finally:
+                timer.join()
+
+        plan = [("A", lambda: burst(servers["a"], requests, words, max_tokens)),
+                ("B", lambda: burst(servers["b"], requests, words, max_tokens)),
+                ("B limited", limited_burst)]
+        for label, work in plan:
+            log(f"burst {label}")
+            done, samples = sampled(gpu, work, 0.2, figures)
+            phases[label] = {"completion_tokens": done, "samples": samples}
+            time.sleep(4)  # the reserve goes back after KVCACHED_TRIM_IDLE_S without allocations
+            phases[label]["after"] = figures()
+            log(f"after {label}: {phases[label]['after']}")
+        actions.append(kvctl("limit", names["b"], "none"))
+        actions.append(kvctl("list"))
+        alive = {x: s.proc.poll() is None for x, s in servers.items()}
+        errs = {x: errors(s.log_path) for x, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.stop()
+    return {**pair_checks(idle, phases, actions, max_tokens), "ready_s": ready, "idle": idle, "alive": alive,
+            "errors": errs, "actions": actions, "limit_bytes": PAIR_LIMIT,
+            "phases": phases}
+
+
+def pair_checks(idle: dict, phases: dict, actions: list, max_tokens: int) -> dict:
+    """What the pair run must show, from its samples: `x_gpu` (NVML, per server) and `x_kv` (registry)."""
+    def top(label: str, key: str, since: float = 0.0) -> int:
+        return max((s[key] for s in phases[label]["samples"] if s["t"] >= since), default=0)
+
+    def span(label: str, key: str) -> int:  # how far a figure moved during a phase
+        values = [s[key] for s in phases[label]["samples"]]
+        return max(values) - min(values) if values else 0
+
+    limit_at = next((a["t"] for a in actions if a["argv"][1] == "limit" and a["argv"][3] != "none"), None)
+    limited = phases["B limited"]["samples"]
+    under = [s["t"] for s in limited if limit_at is not None and s["t"] >= limit_at and s["b_kv"] <= PAIR_LIMIT]
+    settled = under[0] if under else None
+    over_after = [s for s in limited if settled is not None and s["t"] >= settled and s["b_kv"] > PAIR_LIMIT]
+    gpu_cap = idle["b_gpu"] + PAIR_LIMIT  # B's NVML figure may hold its idle (weights, graphs, floor) + the limit
+    figures = {
+        "a_peak_gpu_in_A": top("A", "a_gpu"), "b_peak_gpu_in_B": top("B", "b_gpu"),
+        "a_after_A": phases["A"]["after"]["a_gpu"], "b_after_B": phases["B"]["after"]["b_gpu"],
+        "a_moved_during_B_bursts": max(span("B", "a_gpu"), span("B limited", "a_gpu")),
+        "b_moved_during_A_burst": span("A", "b_gpu"),
+        "limit_requested_t": limit_at, "b_kv_within_limit_t": settled,
+        "b_kv_within_limit_s": None if settled is None else round(settled - limit_at, 2),
+        "b_samples_over_limit_after_within": len(over_after),
+        "b_peak_gpu_after_within": top("B limited", "b_gpu", settled) if settled is not None else None,
+        "b_gpu_cap": gpu_cap,
+    }
+    grew = 2 << 30
+    checks = {
+        "all_bursts_complete": all(t in (max_tokens, 2 * max_tokens) for p in phases.values()
+                                   for t in p["completion_tokens"]),
+        "memory_follows_load": figures["a_peak_gpu_in_A"] > idle["a_gpu"] + grew
+        and figures["b_peak_gpu_in_B"] > idle["b_gpu"] + grew,
+        "memory_returns_after_burst": figures["a_after_A"] <= idle["a_gpu"] + (1 << 30)
+        and figures["b_after_B"] <= idle["b_gpu"] + (1 << 30),
+        "other_server_untouched": figures["a_moved_during_B_bursts"] <= (256 << 20)
+        and figures["b_moved_during_A_burst"] <= (256 << 20),
+        "limit_applied": any(a["rc"] == 0 for a in actions if a["argv"][1] == "limit"),
+        "limit_reached_within_burst": settled is not None and not over_after,
+        "limit_caps_gpu_memory": settled is not None and figures["b_peak_gpu_after_within"] <= gpu_cap,
+    }
+    return {"checks": checks, "figures": figures}
+
+
 def tail(path: str, lines: int) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -324,7 +438,7 @@ def errors(path: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["tokens", "server", "race", "offline-child"])
+    parser.add_argument("part", choices=["tokens", "server", "race", "pair", "offline-child"])
     parser.add_argument("--model")
     parser.add_argument("--out")
     parser.add_argument("--kvcached", action="store_true")
@@ -335,7 +449,7 @@ def main() -> None:
     os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
     check_hook()
     gpu = Gpu()
-    result = {"tokens": part_tokens, "server": part_server, "race": part_race}[args.part](gpu)
+    result = {"tokens": part_tokens, "server": part_server, "race": part_race, "pair": part_pair}[args.part](gpu)
     import vllm
 
     result["vllm"], result["seconds"] = vllm.__version__, round(time.monotonic() - START)
