@@ -114,6 +114,8 @@ def check_port_free(port: int, hint: str = "choose another --port") -> None:
         if s.connect_ex((HOST, port)) == 0:
             raise ServerError(f"port {port} on {HOST} is already in use (another server?); {hint}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as uvicorn binds: the last server's closed connections (TIME_WAIT) must not fail the next one's start
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as e:

@@ -310,6 +310,7 @@ def part_race(gpu: Gpu) -> dict:
 
 
 PAIR_LIMIT = 4 << 30  # what `kvctl limit` gives server B in the middle of its second burst
+PAIR_SLACK = 64 << 20  # B's memory besides KV may move this much while it serves (PyTorch's caching allocator)
 
 
 def kv_mapped(name: str) -> int:
@@ -375,7 +376,7 @@ def part_pair(gpu: Gpu) -> dict:
         for s in servers.values():
             s.stop()
     return {**pair_checks(idle, phases, actions, max_tokens), "ready_s": ready, "idle": idle, "alive": alive,
-            "errors": errs, "actions": actions, "limit_bytes": PAIR_LIMIT,
+            "errors": errs, "actions": actions, "limit_bytes": PAIR_LIMIT, "max_tokens": max_tokens,
             "phases": phases}
 
 
@@ -393,7 +394,10 @@ def pair_checks(idle: dict, phases: dict, actions: list, max_tokens: int) -> dic
     under = [s["t"] for s in limited if limit_at is not None and s["t"] >= limit_at and s["b_kv"] <= PAIR_LIMIT]
     settled = under[0] if under else None
     over_after = [s for s in limited if settled is not None and s["t"] >= settled and s["b_kv"] > PAIR_LIMIT]
-    gpu_cap = idle["b_gpu"] + PAIR_LIMIT  # B's NVML figure may hold its idle (weights, graphs, floor) + the limit
+    # B's NVML figure may hold what it holds besides KV (weights, CUDA graphs, and the activation buffers its first
+    # burst grew: measured after that burst, not at idle), the limit, and a little slack for PyTorch's allocator
+    other = phases["B"]["after"]["b_gpu"] - phases["B"]["after"]["b_kv"]
+    gpu_cap = other + PAIR_LIMIT + PAIR_SLACK
     figures = {
         "a_peak_gpu_in_A": top("A", "a_gpu"), "b_peak_gpu_in_B": top("B", "b_gpu"),
         "a_after_A": phases["A"]["after"]["a_gpu"], "b_after_B": phases["B"]["after"]["b_gpu"],
@@ -403,7 +407,7 @@ def pair_checks(idle: dict, phases: dict, actions: list, max_tokens: int) -> dic
         "b_kv_within_limit_s": None if settled is None else round(settled - limit_at, 2),
         "b_samples_over_limit_after_within": len(over_after),
         "b_peak_gpu_after_within": top("B limited", "b_gpu", settled) if settled is not None else None,
-        "b_gpu_cap": gpu_cap,
+        "b_gpu_besides_kv": other, "b_gpu_cap": gpu_cap,
     }
     grew = 2 << 30
     checks = {
@@ -420,6 +424,54 @@ def pair_checks(idle: dict, phases: dict, actions: list, max_tokens: int) -> dic
         "limit_caps_gpu_memory": settled is not None and figures["b_peak_gpu_after_within"] <= gpu_cap,
     }
     return {"checks": checks, "figures": figures}
+
+
+def recheck_pair(path: str) -> None:
+    """Judge a saved pair run again with this script's checks (written back into the file, with the old ones)."""
+    with open(path) as f:
+        result = json.load(f)
+    old = {"checks": result["checks"], "figures": result["figures"]}
+    result.update(pair_checks(result["idle"], result["phases"], result["actions"],
+                              result.get("max_tokens", 256)))  # the first run (11-23) saved no max_tokens: 256
+    result.setdefault("rechecked_from", old)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    plot_pair(result, os.path.splitext(path)[0] + ".png")
+    failed = [name for name, ok in result["checks"].items() if not ok]
+    log(f"pair (rechecked): {'FAILED ' + ', '.join(failed) if failed else 'all checks passed'}: {result['checks']}")
+    sys.exit(1 if failed else 0)
+
+
+def plot_pair(result: dict, png: str) -> None:
+    """GPU memory of both servers (NVML) and B's KV (registry) over the three bursts, with B's limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    t0 = min(s["t"] for p in result["phases"].values() for s in p["samples"])
+    for label, phase in result["phases"].items():
+        t = [s["t"] - t0 for s in phase["samples"]]
+        ax.axvspan(t[0], t[-1], color="tab:blue" if label == "A" else "tab:green", alpha=0.12)
+        ax.text(t[0], 0.5, f"burst {label}", fontsize=8)
+        for key, style in (("a_gpu", "tab:blue"), ("b_gpu", "tab:green")):
+            ax.plot(t, [s[key] / 2**30 for s in phase["samples"]], color=style,
+                    label=f"server {key[0].upper()}, NVML" if label == "A" else None)
+        ax.plot(t, [s["b_kv"] / 2**30 for s in phase["samples"]], color="tab:green", linestyle=":",
+                label="server B, KV mapped (registry)" if label == "A" else None)
+    limit_t = result["figures"]["limit_requested_t"] - t0
+    ax.axvline(limit_t, color="black", linewidth=0.8)
+    end = max(s["t"] for s in result["phases"]["B limited"]["samples"]) - t0
+    ax.hlines(result["limit_bytes"] / 2**30, limit_t, end, color="black", linestyle="--", linewidth=0.8,
+              label=f"`kvctl limit` on B: {result['limit_bytes'] / 2**30:.0f} GiB of KV (from the vertical line)")
+    ax.set_xlabel("seconds since burst A started (shaded: bursts)")
+    ax.set_ylabel("GiB")
+    ax.set_title("Two vLLM 0.26 servers with kvcached on one H100 (Llama-8B-shaped): memory follows each one's load")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    log(f"plot {png}")
 
 
 def tail(path: str, lines: int) -> str:
@@ -443,9 +495,12 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--kvcached", action="store_true")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--recheck", metavar="JSON", help="pair: judge a saved run's samples again (no GPU needed)")
     args = parser.parse_args()
     if args.part == "offline-child":
         return offline_child(args)
+    if args.recheck:
+        return recheck_pair(args.recheck)
     os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
     check_hook()
     gpu = Gpu()
