@@ -127,3 +127,30 @@ def test_a_limit_lowered_mid_burst_is_never_exceeded_and_memory_comes_down_to_it
         assert kv.memory_stats().mapped_bytes <= limit
     finally:
         kv.shutdown()
+
+
+def test_a_limit_lowered_after_the_padding_slots_page_emptied_is_reached_while_requests_keep_coming():
+    """The H100 case (scripts/gpu/check_sglang.py): the first requests, on the padding slot's page, finished first, and
+    requests kept coming as others finished. That page can never drain, so the pages that can must."""
+    geometry = KVGeometry(4, (1, 2, 64), torch.bfloat16)
+    kv = KVCacheManager(geometry, "cpu", virtual_bytes=32 * PAGE, background=False,
+                        config=quiet_config(page_size_mb=0.25))
+    try:
+        slots = TokenSlots(kv, 1, "cpu")
+        first = slots.alloc(TOKENS_PER_PAGE - 1)  # page 0, beside the padding slot
+        running = deque(slots.alloc(256) for _ in range(12))  # pages 1-3, four requests each
+        kv.resize(3 * PAGE)
+        slots.free(first)
+        pages, waiting = [], 0
+        for _ in range(12):  # the oldest request finishes; a new one of 256 tokens comes, admitted when it fits
+            slots.free(running.popleft())
+            waiting += 1
+            while waiting and slots.available_size() >= 256:
+                running.append(slots.alloc(256))
+                waiting -= 1
+            pages.append(kv.memory_stats().mapped_bytes // PAGE)
+        # new requests fill the padding slot's page first; page 1 drains as its four requests finish
+        assert pages == [4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 3]
+        assert (len(running), waiting) == (11, 1)  # 3 pages hold 3 * 1024 - 1 tokens: 11 requests, one waits
+    finally:
+        kv.shutdown()
