@@ -219,9 +219,10 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
                 f"{', mapped ' + str(burst.get('peak_mapped_mib')) + ' MiB' if ipc_name else ''}; after "
                 f"{burst['after']['device_mib']} MiB")
             save()
-        part["tok_per_s"] = [b["tok_per_s"] for b in part["bursts"]]
-        part["median_tok_per_s"] = statistics.median(part["tok_per_s"])
-        log(f"{label}: bursts {part['tok_per_s']} tok/s, median {part['median_tok_per_s']}")
+        if part["bursts"]:  # --repeats 0: no throughput figure (a run for the limit alone)
+            part["tok_per_s"] = [b["tok_per_s"] for b in part["bursts"]]
+            part["median_tok_per_s"] = statistics.median(part["tok_per_s"])
+            log(f"{label}: bursts {part['tok_per_s']} tok/s, median {part['median_tok_per_s']}")
         if ipc_name:
             part["limited_burst"] = limited_burst(engine, gpu, args, vocab, ipc_name)
             save()
@@ -309,14 +310,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1024, help="requests per measured burst")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3, help="measured bursts per engine (different prompts each)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured bursts per engine (different prompts each; 0: none, e.g. for the limit alone)")
     p.add_argument("--warmup-prompts", type=int, default=256, help="requests of the warm-up burst (not counted)")
-    p.add_argument("--max-running", type=int, default=256, help="SGLang's max_running_requests (both engines)")
     p.add_argument("--limit-mib", type=int, default=128, help="the kvctl limit set during the limited burst")
     p.add_argument("--limit-prompts", type=int, default=512,
                    help="requests of the limited burst (512: about 9 s at the limit on the H100)")
-    p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
-    p.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    add_engine_arguments(p)
     p.add_argument("--only", choices=("vanilla", "kvcached", "server"), help="run one phase only")
     p.add_argument("--server", action="store_true", help="also start the HTTP server with kvcached (a third start)")
     p.add_argument("--port", type=int, default=8600, help="the HTTP server's port (--server)")
@@ -365,6 +365,13 @@ def main() -> None:
     summarize(results)
     save()
     log(f"wrote {path}")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The settings engine_settings() reads from the command line."""
+    p.add_argument("--max-running", type=int, default=256, help="SGLang's max_running_requests")
+    p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=256, help="the largest batch of SGLang's decode graphs")
 
 
 def engine_settings(model: str, args) -> dict:
