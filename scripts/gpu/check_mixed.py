@@ -67,7 +67,7 @@ class Probe:
             mine = [used for pid, used in nvml["processes"].items() if pid in self.pids[engine]]
             out["nvml"][engine] = sum(mine) if mine else None
             try:
-                out["mapped"][engine] = registry.read_instance(server.name).mapped_bytes
+                out["mapped"][engine] = check_vllm.kv_mapped(server.name)
             except registry.RegistryError:
                 out["mapped"][engine] = None
         return out
@@ -182,8 +182,8 @@ def main() -> None:
     p.add_argument("--sglang-env", required=True, help="SGLang's environment, from `env -0` (see above)")
     p.add_argument("--sglang-model", default="/tmp/sg/tok", help="config.json and tokenizer for SGLang's model")
     p.add_argument("--layers", type=int, default=4, help="layers of both random-weight Llamas")
-    p.add_argument("--vllm-port", type=int, default=8430)
-    p.add_argument("--sglang-port", type=int, default=8431)
+    p.add_argument("--vllm-port", type=int, default=8440)
+    p.add_argument("--sglang-port", type=int, default=8441)
     p.add_argument("--vllm-requests", type=int, default=64)
     p.add_argument("--vllm-words", type=int, default=1500, help="words per vLLM prompt")
     p.add_argument("--vllm-max-tokens", type=int, default=128)
