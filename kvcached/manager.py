@@ -1,15 +1,17 @@
 """The block-level API an engine calls: alloc(n) returns block ids or None, free(ids) gives them back.
 
-Note: a page holds G blocks of every layer (see layout.py); the engine thinks in blocks. Memory goes back to the
-device only when a page has no block in use, so placement decides how much an idle engine holds: alloc() fills the
-fullest partly used page first (best fit), which keeps few pages partly used, and a page whose last block is freed
-goes back to the page allocator at once. While a lowered limit is below the pages in use, the emptiest pages take no
-new blocks, so that they drain and memory comes down to the limit as the engine frees. Within a page, a fresh page
-hands out ascending ids and freed blocks are reused last-freed-first (no sorting on the hot path). alloc() never
-raises for lack of memory: it returns None and changes nothing, and the engine waits or preempts as it does when its
-own pool is full. Every call is validated before anything changes, so a bad call (double free, an id never handed out)
-raises and leaves the state as it was. One lock makes the manager safe for several threads; the page allocator below
-it has its own.
+Note: a page holds G blocks of every layer (see layout.py); the engine thinks in blocks. Memory goes back to the device
+only when a page has no block in use, so placement decides how much an idle engine holds: alloc() fills the fullest
+partly used page first (best fit), which keeps few pages partly used, and a page whose last block is freed goes back to
+the page allocator at once. The null block's page never goes back, so its free blocks are handed out before any other
+page's. While a lowered limit is below the pages in use, the emptiest pages other than the null block's take no new
+blocks, so that they drain and memory comes down to the limit as the engine frees (the null block's page never drains:
+taken as the emptiest, it kept memory a page above the limit for as long as requests kept coming, as SGLang showed on
+the H100). Within a page, a fresh page hands out ascending ids and freed blocks are reused last-freed-first (no sorting
+on the hot path). alloc() never raises for lack of memory: it returns None and changes nothing, and the engine waits or
+preempts as it does when its own pool is full. Every call is validated before anything changes, so a bad call (double
+free, an id never handed out) raises and leaves the state as it was. One lock makes the manager safe for several
+threads; the page allocator below it has its own.
 """
 
 from __future__ import annotations
@@ -95,16 +97,20 @@ class KVCacheManager:
         self._limit_lock = threading.RLock()
         self._allocated: set[int] = set()
         self._free_in_page: dict[int, list[int]] = {}  # page in use -> its free block ids (absent when full)
-        self._fullest: list[tuple[int, int]] = []  # heap of (free count, page); stale entries are skipped
+        self._fullest: list[tuple[int, int]] = []  # heap of (rank key, page); stale entries are skipped
         self._num_free = 0
         self._closed = False
         self.null_block: Optional[int] = None
+        self._pinned_page: Optional[int] = None  # the null block's page: mapped for good
         if reserve_null_block:
             ids = self.alloc(1)
             if ids is None:
                 self.shutdown()
                 raise MemoryError("no memory for the null block: the limit or the device's free memory is below one page")
             self.null_block = ids[0]
+            self._pinned_page = self.layout.page_of(self.null_block)
+            if self._pinned_page in self._free_in_page:  # ranked again, now first
+                self._rank(self._pinned_page, len(self._free_in_page[self._pinned_page]))
         get_logger(config).debug(
             "KV cache on %s: %d pages of %d bytes (%d blocks each), %d block ids",
             self.device, self.layout.num_pages, self.layout.page_bytes, self.layout.blocks_per_page,
@@ -287,9 +293,11 @@ class KVCacheManager:
 
     def _kept_free_blocks(self, over: int) -> int:
         """Free blocks alloc() may hand out while `over` pages in use are above the limit: those of all but the
-        `over` emptiest pages. alloc() fills the fullest page first, so it never touches those: they drain as the
-        engine frees, and each is unmapped when its last block is freed."""
-        return self._num_free - sum(heapq.nlargest(over, map(len, self._free_in_page.values())))
+        `over` emptiest pages that can drain (not the null block's). alloc() fills the null block's page first and
+        then the fullest, so it never touches those: they drain as the engine frees, and each is unmapped when its
+        last block is freed."""
+        draining = (len(f) for page, f in self._free_in_page.items() if page != self._pinned_page)
+        return self._num_free - sum(heapq.nlargest(over, draining))
 
     def _map_pages(self, count: int, ignore_headroom: bool = False) -> bool:
         """Add `count` fresh pages; on a shortfall, give back those already taken and return False."""
@@ -309,11 +317,11 @@ class KVCacheManager:
         return True
 
     def _fullest_page(self) -> int:
-        """The page with the fewest free blocks, not full."""
+        """The null block's page while it has free blocks, else the page with the fewest free blocks, not full."""
         while True:
-            count, page = self._fullest[0]
+            key, page = self._fullest[0]
             free = self._free_in_page.get(page)
-            if free is not None and len(free) == count and count > 0:
+            if free and key == self._rank_key(page, len(free)):
                 return page
             heapq.heappop(self._fullest)
 
@@ -324,10 +332,15 @@ class KVCacheManager:
             del self._free_in_page[page]
 
     def _rank(self, page: int, free_count: int) -> None:
-        heapq.heappush(self._fullest, (free_count, page))
+        heapq.heappush(self._fullest, (self._rank_key(page, free_count), page))
         if len(self._fullest) > 4 * len(self._free_in_page) + 64:  # drop stale entries now and then
-            self._fullest = [(len(f), p) for p, f in self._free_in_page.items()]
+            self._fullest = [(self._rank_key(p, len(f)), p) for p, f in self._free_in_page.items()]
             heapq.heapify(self._fullest)
+
+    def _rank_key(self, page: int, free_count: int) -> int:
+        """Pages are filled in ascending key order: the null block's page first (0: below any page with a free
+        block), then the fullest."""
+        return 0 if page == self._pinned_page else free_count
 
     def _settle(self, page: int) -> None:
         """After blocks of `page` were freed: give the page back when it is empty, else re-rank it."""

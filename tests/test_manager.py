@@ -108,6 +108,23 @@ def test_below_a_lowered_limit_the_emptiest_pages_take_no_new_blocks_and_are_unm
     assert manager.available_size() == 5
 
 
+def test_the_null_blocks_page_is_filled_first_and_never_left_to_drain_below_a_lowered_limit(make_manager):
+    manager = make_manager(config=quiet_config(max_reserved_pages=4, trim_idle_s=60))
+    ids = manager.alloc(4 * BLOCKS_PER_PAGE - 1)  # pages 0-3, full
+    on_page = {p: [b for b in ids if b // IDS_PER_PAGE == p] for p in range(4)}
+    manager.free(on_page[0] + on_page[2][:3])  # page 0 holds the null block only, the emptiest page; page 2: 3 free
+    manager.resize(3 * PAGE)  # one page above the limit: page 2 drains, as page 0 never could
+    assert manager.available_size() == BLOCKS_PER_PAGE - 1
+    assert manager.alloc(BLOCKS_PER_PAGE) is None
+    assert sorted(manager.alloc(2)) == [510, 511]  # page 0's (last freed, first reused), before the fuller pages 1 and 3
+    manager.free(on_page[1][:2])  # page 1: 2 free, still fuller than page 2
+    assert sorted(manager.alloc(BLOCKS_PER_PAGE - 1)) == list(range(1, 510)) + on_page[1][:2]
+    assert manager.available_size() == 0  # page 2's 3 free blocks stay free: it drains
+    manager.free(on_page[2][3:])
+    stats = manager.memory_stats()
+    assert (stats.used_bytes, stats.premapped_bytes, manager.available_size()) == (3 * PAGE, 0, 0)
+
+
 def test_resize_to_none_removes_the_limit(make_manager):
     manager = make_manager(limit_bytes=PAGE)
     manager.resize(None)

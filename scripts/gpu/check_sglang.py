@@ -17,8 +17,10 @@ of this process tree); a warm-up burst (not counted), then --repeats bursts of -
 burst; release and resume of the KV cache (memory, and the 8 prompts again). kvcached only: `kvctl list --json` shows
 the instance, and a burst of --limit-prompts during which `kvctl limit NAME <--limit-mib>M` is set once the instance
 maps twice that: the samples read the instance's record, so the first one showing the new limit marks when the engine
-applied it; from then on, mapped memory must stay within max(limit, the least in use seen since), and once the burst is
-over and the engine idle, within the limit. JSON goes to
+applied it; from then on, mapped memory must stay within max(limit, the least in use seen since), come down to the
+limit while the burst still runs (down_after_applied_s: about one request's life, the time the requests holding the
+page left to drain take to finish; the burst lasts several of those), and, once the burst is over and the engine idle,
+stay within the limit. JSON goes to
 --out/check_sglang.json after every phase, so a run cut short still reports what it did. With --server, a third
 start: `python -m sglang.launch_server` with kvcached on --port (8600), whose greedy outputs over HTTP must equal the
 offline ones, and whose /release_memory_occupation and /resume_memory_occupation must free and restore the memory.
@@ -217,9 +219,10 @@ def check_engine(label: str, engine_kwargs: dict, args, gpu: Gpu, vocab: int, ip
                 f"{', mapped ' + str(burst.get('peak_mapped_mib')) + ' MiB' if ipc_name else ''}; after "
                 f"{burst['after']['device_mib']} MiB")
             save()
-        part["tok_per_s"] = [b["tok_per_s"] for b in part["bursts"]]
-        part["median_tok_per_s"] = statistics.median(part["tok_per_s"])
-        log(f"{label}: bursts {part['tok_per_s']} tok/s, median {part['median_tok_per_s']}")
+        if part["bursts"]:  # --repeats 0: no throughput figure (a run for the limit alone)
+            part["tok_per_s"] = [b["tok_per_s"] for b in part["bursts"]]
+            part["median_tok_per_s"] = statistics.median(part["tok_per_s"])
+            log(f"{label}: bursts {part['tok_per_s']} tok/s, median {part['median_tok_per_s']}")
         if ipc_name:
             part["limited_burst"] = limited_burst(engine, gpu, args, vocab, ipc_name)
             save()
@@ -258,7 +261,8 @@ def limited_burst(engine, gpu: Gpu, args, vocab: int, ipc_name: str) -> dict:
     log(f"limited burst: limit {args.limit_mib} MiB requested at {requested.get('t')} s "
         f"({requested.get('mapped_mib')} MiB mapped), applied by {result['applied_t']} s with "
         f"{result['used_at_applied_mib']} MiB in use; over the bound after: {result['over_bound']}; down to the limit "
-        f"at {result['down_to_limit_t']} s; idle after: {idle['mapped_mib']} MiB mapped; {burst['finished_at_length']}"
+        f"at {result['down_to_limit_t']} s ({result['down_after_applied_s']} s after applied; expected within the "
+        f"burst); idle after: {idle['mapped_mib']} MiB mapped; {burst['finished_at_length']}"
         f"/{burst['requests']} finished, {burst['tok_per_s']} tok/s")
     return result
 
@@ -266,10 +270,11 @@ def limited_burst(engine, gpu: Gpu, args, vocab: int, ipc_name: str) -> dict:
 def limit_held(samples: list[dict], limit_mib: float) -> dict:
     """When the engine applied the limit (the first sample of its record showing it), the samples after that which
     mapped more than max(limit, the least in use seen since), and when mapped memory was down to the limit while the
-    burst still ran (None: only after it, if at all)."""
+    burst still ran (None: only after it, if at all), also as seconds after the limit was applied."""
     applied = next((i for i, s in enumerate(samples) if s["limit_mib"] == limit_mib), None)
     if applied is None:
-        return {"applied_t": None, "used_at_applied_mib": None, "over_bound": None, "down_to_limit_t": None}
+        return {"applied_t": None, "used_at_applied_mib": None, "over_bound": None, "down_to_limit_t": None,
+                "down_after_applied_s": None}
     lowest, over = samples[applied]["used_mib"], []
     for s in samples[applied:]:
         lowest = min(lowest, s["used_mib"])
@@ -277,7 +282,8 @@ def limit_held(samples: list[dict], limit_mib: float) -> dict:
             over.append({"t": s["t"], "mapped_mib": s["mapped_mib"], "bound_mib": max(limit_mib, lowest)})
     down = next((s["t"] for s in samples[applied:-1] if s["mapped_mib"] <= limit_mib), None)  # the last: after
     return {"applied_t": samples[applied]["t"], "used_at_applied_mib": samples[applied]["used_mib"],
-            "over_bound": over, "down_to_limit_t": down}
+            "over_bound": over, "down_to_limit_t": down,
+            "down_after_applied_s": None if down is None else round(down - samples[applied]["t"], 3)}
 
 
 def release_resume(engine, gpu: Gpu, greedy: list[str], ipc_name: str | None) -> dict:
@@ -304,13 +310,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1024, help="requests per measured burst")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3, help="measured bursts per engine (different prompts each)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured bursts per engine (different prompts each; 0: none, e.g. for the limit alone)")
     p.add_argument("--warmup-prompts", type=int, default=256, help="requests of the warm-up burst (not counted)")
-    p.add_argument("--max-running", type=int, default=256, help="SGLang's max_running_requests (both engines)")
     p.add_argument("--limit-mib", type=int, default=128, help="the kvctl limit set during the limited burst")
-    p.add_argument("--limit-prompts", type=int, default=256, help="requests of the limited burst")
-    p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
-    p.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    p.add_argument("--limit-prompts", type=int, default=512,
+                   help="requests of the limited burst (512: about 9 s at the limit on the H100)")
+    add_engine_arguments(p)
     p.add_argument("--only", choices=("vanilla", "kvcached", "server"), help="run one phase only")
     p.add_argument("--server", action="store_true", help="also start the HTTP server with kvcached (a third start)")
     p.add_argument("--port", type=int, default=8600, help="the HTTP server's port (--server)")
@@ -334,12 +340,7 @@ def main() -> None:
 
     results["versions"] = {"sglang": sglang.__version__, "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    engine_kwargs = dict(model_path=model, load_format="dummy", attention_backend="triton", sampling_backend="pytorch",
-                         grammar_backend="none", random_seed=0, mem_fraction_static=args.mem_fraction,
-                         enable_memory_saver=True, cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
-                         max_running_requests=args.max_running,
-                         disable_prefill_cuda_graph=True, log_level="warning")
-    results["engine_kwargs"] = engine_kwargs
+    results["engine_kwargs"] = engine_kwargs = engine_settings(model, args)
     results["device_before_mib"] = gpu.device_mib()
     phases = [args.only] if args.only else ["vanilla", "kvcached"] + (["server"] if args.server else [])
     if "vanilla" in phases:
@@ -366,6 +367,33 @@ def main() -> None:
     log(f"wrote {path}")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The settings engine_settings() reads from the command line."""
+    p.add_argument("--max-running", type=int, default=256, help="SGLang's max_running_requests")
+    p.add_argument("--mem-fraction", type=float, default=0.3, help="SGLang's mem_fraction_static (static pool)")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=256, help="the largest batch of SGLang's decode graphs")
+
+
+def engine_settings(model: str, args) -> dict:
+    """sgl.Engine's keyword arguments (the server's flags, see launch_command) for the random-weight `model`."""
+    return dict(model_path=model, load_format="dummy", attention_backend="triton", sampling_backend="pytorch",
+                grammar_backend="none", random_seed=0, mem_fraction_static=args.mem_fraction, enable_memory_saver=True,
+                cuda_graph_max_bs_decode=args.cuda_graph_max_bs, max_running_requests=args.max_running,
+                disable_prefill_cuda_graph=True, log_level="warning")
+
+
+def launch_command(engine_kwargs: dict, port: int) -> list[str]:
+    """`python -m sglang.launch_server` with the same settings as sgl.Engine(**engine_kwargs)."""
+    flags = []
+    for key, value in engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    return [sys.executable, "-m", "sglang.launch_server", *flags, "--port", str(port)]
+
+
 def post(port: int, path: str, body: dict, timeout: float = 300.0):
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -378,15 +406,7 @@ def check_server(engine_kwargs: dict, args, gpu: Gpu, results: dict, save) -> No
     """`python -m sglang.launch_server` with kvcached: greedy outputs over HTTP, kvctl, release/resume over HTTP."""
     part = results["server"] = {}
     ipc_name = f"sglang-check-server-{os.getpid()}"
-    flags = []
-    for key, value in engine_kwargs.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False:
-            flags += [flag, str(value)]
-    command = [sys.executable, "-m", "sglang.launch_server", *flags, "--port", str(args.port)]
-    part["command"] = command
+    part["command"] = command = launch_command(engine_kwargs, args.port)
     server = subprocess.Popen(command, env=dict(os.environ, KVCACHED_IPC_NAME=ipc_name), start_new_session=True)
     try:
         t0, deadline = time.monotonic(), time.monotonic() + 300
@@ -485,6 +505,8 @@ def summarize(results: dict) -> None:
         summary["limit_used_at_applied_mib"] = lb["used_at_applied_mib"]
         summary["limit_over_bound_samples"] = None if lb["over_bound"] is None else len(lb["over_bound"])
         summary["limit_down_to_limit_t"] = lb["down_to_limit_t"]
+        summary["limit_down_after_applied_s"] = lb["down_after_applied_s"]
+        summary["limited_burst_wall_s"] = lb["wall_s"]
         summary["limit_idle_within_limit"] = lb["idle_within_limit"]
         summary["limited_burst_finished_at_length"] = f"{lb['finished_at_length']}/{lb['requests']}"
     log("summary " + json.dumps(summary))

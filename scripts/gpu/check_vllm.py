@@ -50,8 +50,10 @@ def model(shape: list[str]) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def env(kvcached: bool, tag: str, **extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED_") and k != "ENABLE_KVCACHED"}
+def env(kvcached: bool, tag: str, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """An engine's environment: `base` (default this process's) without kvcached's settings, then kvcached on or off."""
+    base = os.environ if base is None else base
+    out = {k: v for k, v in base.items() if not k.startswith("KVCACHED_") and k != "ENABLE_KVCACHED"}
     out.update(ENABLE_KVCACHED="true" if kvcached else "false", KVCACHED_AUTOPATCH="1" if kvcached else "0",
                VLLM_CACHE_ROOT=f"/tmp/vllm-cache-{tag}", PYTHONUNBUFFERED="1", **extra)
     return out
@@ -162,14 +164,20 @@ def wait_for_memory(gpu: Gpu, baseline: int, timeout_s: float = 120) -> None:
 # ---- servers ----------------------------------------------------------------------------------------------------------
 
 class Server:
+    """A vLLM OpenAI server (registered as `name` when kvcached is on); start() serves other engines' servers too."""
+
     def __init__(self, name: str, model_dir: str, port: int, kvcached: bool, **extra_env: str) -> None:
-        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
-        self.log_path = os.path.join(OUT, "logs", f"{name}.log")
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                 "--served-model-name", name, "--max-model-len", "4096", "--seed", "0", "--generation-config", "vllm",
                 "--disable-uvicorn-access-log"]
-        self.proc = subprocess.Popen(argv, env=env(kvcached, name, KVCACHED_IPC_NAME=name, **extra_env),
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.start(name, port, argv, env(kvcached, name, KVCACHED_IPC_NAME=name, **extra_env))
+
+    def start(self, name: str, port: int, argv: list[str], environ: dict[str, str]) -> None:
+        """Start `argv` (a server answering GET /health on `port`) in its own session, logging to OUT/logs/NAME.log."""
+        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        self.log_path = os.path.join(OUT, "logs", f"{name}.log")
+        self.proc = subprocess.Popen(argv, env=environ, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 300) -> float:
         started = time.monotonic()
@@ -214,10 +222,10 @@ def long_prompt(i: int, words: int) -> str:
     return f"Request {i}: " + " ".join(vocab[(i + 7 * k) % len(vocab)] for k in range(words))
 
 
-def burst(server: Server, count: int, words: int, max_tokens: int) -> list:
+def burst(server: Server, count: int, words: int, max_tokens: int, timeout: float = 300) -> list:
     def one(i: int):
         try:
-            return server.complete(long_prompt(i, words), max_tokens)["usage"]["completion_tokens"]
+            return server.complete(long_prompt(i, words), max_tokens, timeout)["usage"]["completion_tokens"]
         except Exception as exc:  # noqa: BLE001 - a failed request is a result
             return f"error: {exc}"
 
