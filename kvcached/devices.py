@@ -1,4 +1,5 @@
-"""Devices as kvcached names them ("cpu", "cuda:N"), which GPU a CUDA index is, and NVML's memory figures.
+"""Devices as kvcached names them ("cpu", "cuda:N") and shows a list of them ("cuda:0,1", "cpu x2"), which GPU a CUDA
+index is, and NVML's memory figures.
 
 Note: one parser for device strings, so that every layer agrees on what "cuda" means (GPU 0) and refuses the same
 typos. GPU memory for processes that only decide or watch (vLLM's scheduler, kvctl, kvtop) comes from NVML, never
