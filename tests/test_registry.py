@@ -190,6 +190,25 @@ def test_segments_are_found_by_magic_and_version_never_by_size(fakes):
         assert os.path.exists(registry.segment_path(name))
 
 
+def test_a_version_1_segment_of_a_dead_process_is_dead_and_its_name_can_be_taken(fakes):
+    """After an upgrade, the segment a stopped engine of the old format left is cleaned like any dead one, so the
+    engine restarts under its name; a live old-format engine's segment stays invalid (its figures are not read)."""
+    image = _segment_bytes(fakes().name)
+    dead, live = unique("v1-dead"), unique("v1-live")
+    _write_segment(dead, _with_header(image, version=1, size=512, name=dead.encode(), pid=999999999)[:512])
+    _write_segment(live, _with_header(image, version=1, size=512, name=live.encode())[:512])  # this process
+    records = {r.name: r for r in registry.list_instances([dead, live])}
+    reason = "format version 1 (512 bytes); this kvcached reads version 2"
+    assert (records[dead].status, records[dead].pid, records[dead].reason, records[dead].format_version) == (
+        "dead", 999999999, reason, 1)
+    assert (records[dead].used_bytes, records[dead].devices) == (0, ())
+    assert (records[live].status, records[live].reason) == ("invalid", reason)
+    e = fakes(dead)  # starting under the dead one's name cleans it and takes the name
+    r = registry.read_instance(e.name)
+    assert (r.status, r.format_version, r.pid) == ("alive", 2, os.getpid())
+    assert registry.read_instance(live).status == "invalid"
+
+
 # ---- tensor parallel: one record, several devices ------------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ kvctl, under flock on the segment, which the engine never takes. Each of these t
 makes its sequence odd, writes, makes it even; a reader retries while the sequence is odd or moved, or the CRC (which
 also covers weakly ordered CPUs, where CPython's stores are not fenced) does not match. The two writers never share a
 word, so neither loses the other's update, and the generation makes each request distinct. Version 1 (512 bytes, one
-device) is not read: such a segment lists as invalid.
+device) is not read: such a segment lists as invalid while its process lives, and as dead (to be cleaned) once it is
+gone; its header is this one's without the device count.
 """
 
 from __future__ import annotations

@@ -128,10 +128,18 @@ def parse_record(buf, name: str, st: os.stat_result, persisted_limit: Callable[[
 
     (magic, version, size, raw_name, device, backend, gpu_id, pid, ticks, pidns, created, virtual, total,
      page, count) = HEADER.unpack_from(buf, 0)
+    other_namespace = bool(pidns) and pidns != pid_namespace()
     if magic != MAGIC:
         return invalid("not a kvcached segment (bad magic)")
     if version != FORMAT_VERSION or size != RECORD_SIZE:
-        return invalid(f"format version {version} ({size} bytes); this kvcached reads version {FORMAT_VERSION}")
+        reason = f"format version {version} ({size} bytes); this kvcached reads version {FORMAT_VERSION}"
+        # Version 1's header is this one's without the device count: when its process is gone, the segment is dead
+        # (cleaned as any), so an engine restarted under the name after an upgrade takes it over.
+        old = (version, size) == (1, 512) and _decode(raw_name) == name
+        if old and not other_namespace and not is_running(pid, ticks):
+            return InstanceRecord(name=name, status=InstanceStatus.DEAD, uid=st.st_uid, reason=reason, pid=pid,
+                                  format_version=version)
+        return invalid(reason)
     if len(buf) < RECORD_SIZE:
         return invalid(f"{len(buf)} bytes, too small")
     if _decode(raw_name) != name:
@@ -149,7 +157,7 @@ def parse_record(buf, name: str, st: os.stat_result, persisted_limit: Callable[[
     limit, used, premapped, heartbeat, applied, error = engine
     generation, requested = control
     age = max(0.0, (time.monotonic_ns() - heartbeat) / 1e9)
-    if pidns and pidns != pid_namespace():
+    if other_namespace:
         alive = age < STALE_S
     else:
         alive = is_running(pid, ticks)
