@@ -54,7 +54,7 @@ class InstanceRecord:
     backend: str = ""
     gpu_id: str = ""
     virtual_bytes: int = 0
-    device_total_bytes: int = 0
+    device_total_bytes: int = 0  # what one rank has of its device (the VirtualMemory's total_memory())
     page_bytes: int = 0
     limit_bytes: int = 0
     used_bytes: int = 0

@@ -49,7 +49,7 @@ class VirtualMemory(ABC):
 
     @property
     def devices(self) -> tuple[str, ...]:
-        """The devices this memory spans, one entry per tensor-parallel rank."""
+        """The devices this memory lives on, in rank order: one, unless several processes map it (tensor parallel)."""
         return (self.device,)
 
     def check_aligned(self, address: int, size: int) -> None:
