@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-from dataclasses import replace
 
 from kvcached import registry
 from kvcached.procinfo import start_ticks
@@ -421,8 +420,8 @@ def test_publish_writes_the_figures_without_a_syscall_or_lock_file(fakes):
     e = fakes()
     with open_segment(e.name, write=True) as seg:
         assert seg.lock()  # an operator holds the flock meanwhile
-        for used in range(1, 2001):
-            e.reg.publish(replace(e.stats, used_bytes=used * PAGE))
+        for used in range(1, 2001):  # e.set publishes, and keeps what the watcher's own refresh reads the same
+            e.set(used_bytes=used * PAGE)
         assert registry.read_instance(e.name).used_bytes == 2000 * PAGE
         seg.unlock()
 
