@@ -124,9 +124,9 @@ class Watched:
 
 class MemorySampler:
     """Background sampling of watched servers. Samples: list of dicts with keys t (s since epoch), server, rss,
-    rss_by_role, n_procs, and when known kv_used, kv_premapped, kv_limit (registry), gpu_used and gpu_device_used
-    (NVML, bytes: the server's processes, the whole device); and,
-    from the PSS thread every pss_every_s, records {t, server, pss}."""
+    rss_by_role, n_procs, and when known kv_used, kv_premapped, kv_limit (registry: bytes per device), kv_devices,
+    gpu_used and gpu_device_used (NVML, bytes: the server's processes, the whole device); and, from the PSS thread
+    every pss_every_s, records {t, server, pss}."""
 
     def __init__(self, hz: float = 5.0, epoch: Optional[float] = None, pss_every_s: float = 3.0,
                  gpu_index: Optional[int] = None) -> None:

@@ -17,7 +17,8 @@ from benchmarks.analysis import fmt_bytes
 
 
 def kv_bytes(names: list[str]) -> dict[str, dict]:
-    """name -> {"kv_used", "kv_premapped", "kv_limit"} of the alive instances among `names` ({} when unreadable)."""
+    """name -> {"kv_used", "kv_premapped", "kv_limit", "kv_devices"} of the alive instances among `names` ({} when
+    unreadable). The bytes are one device's; a tensor-parallel instance holds them on each of its kv_devices."""
     if not names:
         return {}
     try:
@@ -25,7 +26,7 @@ def kv_bytes(names: list[str]) -> dict[str, dict]:
     except Exception:  # noqa: BLE001  (a segment being written or removed: this sample goes without)
         return {}
     return {r.name: {"kv_used": int(r.used_bytes), "kv_premapped": int(r.premapped_bytes),
-                     "kv_limit": int(r.limit_bytes or 0)} for r in records if r.alive}
+                     "kv_limit": int(r.limit_bytes or 0), "kv_devices": r.num_devices} for r in records if r.alive}
 
 
 def wait_registered(name: str, timeout_s: float = 10.0) -> bool:
@@ -39,7 +40,8 @@ def wait_registered(name: str, timeout_s: float = 10.0) -> bool:
 
 
 def set_limit(name: str, limit: Optional[int]) -> str:
-    """Cap instance `name` at `limit` bytes (None: lift the cap), as `kvctl limit` does; says what happened."""
+    """Cap instance `name` at `limit` bytes per device (None: lift the cap), as `kvctl limit` does; says what
+    happened."""
     try:
         request = registry.request_limit(name, limit, wait_s=2.0)
     except Exception as e:  # noqa: BLE001

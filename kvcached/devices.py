@@ -1,4 +1,5 @@
-"""Devices as kvcached names them ("cpu", "cuda:N"), which GPU a CUDA index is, and NVML's memory figures.
+"""Devices as kvcached names them ("cpu", "cuda:N") and shows a list of them ("cuda:0,1", "cpu x2"), which GPU a CUDA
+index is, and NVML's memory figures.
 
 Note: one parser for device strings, so that every layer agrees on what "cuda" means (GPU 0) and refuses the same
 typos. GPU memory for processes that only decide or watch (vLLM's scheduler, kvctl, kvtop) comes from NVML, never
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from .errors import NoCudaDriverError
 
@@ -42,6 +43,19 @@ def parse_device(text: object) -> Device:
             raise ValueError(f"device {text!r}: the host backend has no index, use 'cpu'")
         return Device("cpu", 0)
     return Device("cuda", int(index or 0))
+
+
+def devices_label(devices: Sequence[str]) -> str:
+    """How the tools show an instance's devices (one per tensor-parallel rank): "cuda:0", "cuda:0,1", "cpu x2"."""
+    if len(set(devices)) == 1:
+        return devices[0] if len(devices) == 1 else f"{devices[0]} x{len(devices)}"
+    try:
+        parsed = [parse_device(d) for d in devices]
+    except ValueError:  # read from a record: never fail to show it
+        parsed = []
+    if parsed and all(p.is_cuda for p in parsed):
+        return "cuda:" + ",".join(str(p.index) for p in parsed)
+    return ",".join(devices)
 
 
 def gpu_id_of(device: str) -> str:

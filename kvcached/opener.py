@@ -3,7 +3,9 @@
 Note: the manager itself reads no environment and knows no registry (a library can build one in isolation, tests
 too). This edge reads Config.from_env() once, builds the manager, and registers it in the shared-memory registry,
 where kvctl and kvtop see it and operators set its limit; the registration is the manager's observer, closed by
-shutdown() and, if shutdown() is never called, at interpreter exit. The module is not named open_cache: a submodule
+shutdown() and, if shutdown() is never called, at interpreter exit. The record lists the devices of the manager's
+virtual memory (`vmm.devices`: several when tensor-parallel ranks follow one page table), so the manager itself stays
+unaware of them: its figures are one device's. The module is not named open_cache: a submodule
 of that name would replace the function `kvcached.open_cache` as an attribute of the package once imported.
 """
 
@@ -44,7 +46,7 @@ def open_cache(
     try:
         manager.observer = registry.Registration.open(
             name,
-            device=manager.device,
+            devices=manager.vmm.devices,
             virtual_bytes=manager.layout.num_pages * manager.layout.page_bytes,
             device_total_bytes=manager.vmm.total_memory(),
             explicit_limit=manager.explicit_limit,

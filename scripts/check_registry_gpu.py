@@ -26,8 +26,8 @@ print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdou
 out = subprocess.run([py, "-m", "kvcached.cli.kvctl", "list", "--json", "gpu-check"], capture_output=True, text=True,
                      env=env)
 rec = json.loads(out.stdout)[0]
-print("record", {k: rec[k] for k in ("status", "device", "backend", "gpu_id", "used_bytes", "premapped_bytes",
-                                     "limit_bytes", "device_total_bytes")}, out.stderr)
+print("record", {k: rec[k] for k in ("status", "device", "backend", "gpu_id", "devices", "gpu_ids", "used_bytes",
+                                     "premapped_bytes", "limit_bytes", "device_total_bytes")}, out.stderr)
 # kvtop in the background: it must not appear among the GPU's compute processes (no CUDA context).
 top = subprocess.Popen([py, "-c", "import time; from kvcached.devices import Nvml; n = Nvml(); "
                         "print(n.memory(%r)); time.sleep(4)" % rec["gpu_id"]], env=env)

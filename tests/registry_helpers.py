@@ -153,14 +153,14 @@ class FakeEngine:
     """A Registration in this process over fixed figures; apply_limit records its calls, as KVCacheManager.resize."""
 
     def __init__(self, name: Optional[str], used: int = PAGE, premapped: int = 0, limit: Optional[int] = None,
-                 total: int = 64 * PAGE, explicit_limit: Optional[int] = None, device: str = "cpu",
+                 total: int = 64 * PAGE, explicit_limit: Optional[int] = None, devices: tuple[str, ...] = ("cpu",),
                  fail: bool = False) -> None:
         self.stats = FakeStats(16 * PAGE if limit is None else limit, used, premapped)
         self.applied: list[tuple[float, Optional[int]]] = []
         self.fail = fail
         self.reg: Optional[registry.Registration] = None
         self.reg = registry.Registration.open(
-            name, device=device, virtual_bytes=16 * PAGE, device_total_bytes=total, explicit_limit=explicit_limit,
+            name, devices=devices, virtual_bytes=16 * PAGE, device_total_bytes=total, explicit_limit=explicit_limit,
             stats=lambda: self.stats, apply_limit=self.apply)
         self.name = self.reg.name
 
@@ -184,16 +184,17 @@ FAKE_CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from registry_helpers import FakeEngine, PAGE
-engine = FakeEngine(sys.argv[1], used=int(sys.argv[2]) * PAGE)
+engine = FakeEngine(sys.argv[1], used=int(sys.argv[2]) * PAGE, devices=tuple(sys.argv[3].split(",")))
 print("ready", flush=True)
 time.sleep(600)
 """
 
 
-def start_fake_child(name: str, pages: int = 1) -> subprocess.Popen:
+def start_fake_child(name: str, pages: int = 1, devices: tuple[str, ...] = ("cpu",),
+                     **extra_env: str) -> subprocess.Popen:
     code = FAKE_CHILD.format(tests=os.path.join(REPO, "tests"))
-    proc = subprocess.Popen([sys.executable, "-c", code, name, str(pages)], stdout=subprocess.PIPE, text=True,
-                            env=env(), cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", code, name, str(pages), ",".join(devices)], stdout=subprocess.PIPE,
+                            text=True, env=env(**extra_env), cwd=REPO)
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     assert ready and proc.stdout.readline().strip() == "ready"
     return proc

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import random
+import re
 import select
 import signal
 import subprocess
@@ -385,3 +386,50 @@ def test_the_tools_never_import_torch(module, argv, shows):
     imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
     assert shows in imported, out.stderr[-2000:]
     assert [m for m in imported if m == "torch" or m.startswith("torch.")] == []
+
+
+def test_a_tensor_parallel_instance_lists_per_device_figures_and_a_total(fakes):
+    """An instance on two devices (rank order) shows them as `cpu x2`, its figures per device and a TOTAL column;
+    a limit, and limit-percent of its device total, are per device."""
+    tp = fakes(used=3 * PAGE, premapped=PAGE, limit=8 * PAGE, total=64 * PAGE, devices=("cpu", "cpu"))
+    one = fakes(used=PAGE)
+    gpus = fakes(used=2 * PAGE, devices=("cuda:0", "cuda:1"))
+    pid = os.getpid()
+    out = kvctl("list", tp.name, one.name, gpus.name)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STATUS", "PID", "DEVICE", "PREALLOC", "USED", "LIMIT", "FREE", "VIRTUAL",
+                                "TOTAL"]
+    assert re.fullmatch(rf"{tp.name} +alive +{pid} +cpu x2 +16M +48M +128M +64M +256M +96M", lines[1]), lines[1]
+    assert re.fullmatch(rf"{one.name} +alive +{pid} +cpu +0B +16M +256M +240M +256M +16M", lines[2]), lines[2]
+    assert re.fullmatch(rf"{gpus.name} +alive +{pid} +cuda:0,1 +0B +32M +256M +224M +256M +64M", lines[3]), lines[3]
+    assert lines[4:] == ["PREALLOC, USED, LIMIT, FREE and VIRTUAL are per device (each tensor-parallel rank); TOTAL "
+                         "is USED on all of an instance's devices"]
+    # Without a multi-device instance the table is as it always was: no TOTAL, no footnote.
+    lines = kvctl("list", one.name).stdout.splitlines()
+    assert lines[0].split()[-1] == "VIRTUAL" and len(lines) == 2
+
+    r = kvctl_json(tp.name)[tp.name]
+    assert (r["device"], r["devices"], r["gpu_ids"], r["num_devices"]) == ("cpu", ["cpu", "cpu"], ["", ""], 2)
+    assert (r["used_bytes"], r["premapped_bytes"], r["limit_bytes"], r["free_bytes"]) == (3 * PAGE, PAGE, 8 * PAGE,
+                                                                                         4 * PAGE)
+    assert (r["total_used_bytes"], r["total_mapped_bytes"], r["device_total_bytes"]) == (6 * PAGE, 8 * PAGE, 64 * PAGE)
+    r = kvctl_json(gpus.name)[gpus.name]
+    assert (r["backend"], r["devices"], r["num_devices"], r["total_used_bytes"]) == ("cuda", ["cuda:0", "cuda:1"], 2,
+                                                                                    4 * PAGE)
+
+    out = kvctl("limit", tp.name, "64M")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{tp.name}: limit 64M (67108864 bytes) per device (cpu x2), applied in ")
+    assert tp.applied[-1][1] == 4 * PAGE  # not divided among the ranks
+    out = kvctl("limit-percent", tp.name, "25")  # of one device's total: 16 pages on each device
+    assert out.returncode == 0, out.stderr
+    assert tp.applied[-1][1] == 16 * PAGE and kvctl_json(tp.name)[tp.name]["limit_bytes"] == 16 * PAGE
+
+    out = kvctl("watch", "-n", "0.05", "-c", "2", tp.name)
+    assert out.returncode == 0 and out.stdout.count("cpu x2") == 2 and out.stdout.count("are per device") == 2
+    out = kvctl("limit", "--help")
+    assert out.returncode == 0 and "per device (each tensor-parallel rank)" in out.stdout
+    out = kvctl("limit-percent", "--help")
+    help_text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert out.returncode == 0 and "of the total memory of the instance's device (per rank)" in help_text

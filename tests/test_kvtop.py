@@ -107,12 +107,51 @@ def test_device_bars_use_nvml_by_uuid_and_report_its_absence(monkeypatch):
     assert missing.error.startswith("reading GPU memory needs NVML: pip install nvidia-ml-py") and missing.total == 0
 
 
+def test_tensor_parallel_instances_show_their_devices_and_count_once_per_rank_on_each_device_bar(monkeypatch):
+    """kvtop's device bars carry the KV the live instances have mapped there, an instance once per rank on each:
+    on cuda:0,1 on both GPUs' bars, on the host with two ranks twice on the host's."""
+    tp_gpu = _record("tp-gpu", used=48 * MiB, premapped=16 * MiB, limit=128 * MiB, backend="cuda", device="cuda:0",
+                     gpu_id="GPU-a", devices=("cuda:0", "cuda:1"), gpu_ids=("GPU-a", "GPU-b"))
+    one_gpu = _record("one-gpu", used=32 * MiB, backend="cuda", device="cuda:1", gpu_id="GPU-b")
+    dead_gpu = _record("dead-gpu", status="dead", used=16 * MiB, backend="cuda", device="cuda:2", gpu_id="GPU-c")
+    tp_host = _record("tp-host", used=48 * MiB, premapped=16 * MiB, limit=128 * MiB, devices=("cpu", "cpu"))
+    one_host = _record("one-host", used=8 * MiB, limit=64 * MiB)
+    index = {"GPU-a": 0, "GPU-b": 1, "GPU-c": 2}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByUUID=lambda uuid: uuid,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 << 30, used=10 << 30, free=70 << 30),
+        nvmlDeviceGetName=lambda h: "H100", nvmlDeviceGetIndex=lambda h: index[h],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    nvml = Nvml()
+    bars = devices.device_memory([tp_gpu, one_gpu, dead_gpu, tp_host, one_host], nvml)
+    nvml.close()
+    assert [(b.label, b.kv) for b in bars] == [("HOST", 2 * 64 * MiB + 8 * MiB), ("GPU0 H100", 64 * MiB),
+                                               ("GPU1 H100", 64 * MiB + 32 * MiB), ("GPU2 H100", 0)]
+
+    lines = render([tp_host, tp_gpu, one_host], [devices.DeviceMemory("HOST", 16 << 30, 4 << 30, kv=136 * MiB)],
+                   80, 24, 1.0)
+    screen = plain(lines).splitlines()
+    assert screen[1].startswith("HOST ") and screen[1].endswith(" 4G/16G (25%) KV 136M") and len(screen[1]) == 80
+    assert screen[3].startswith("tp-host              alive      4242 cpu x2  [")
+    assert screen[4] == "  Prealloc 16M | Used 48M / Limit 128M (38%) | Free 64M | x2 devices: Used 96M"
+    assert screen[5].startswith("tp-gpu               alive      4242 cuda x2 [")  # cuda:0,1 is wider than 7
+    assert screen[7].startswith("one-host             alive      4242 cpu     [")  # one device: as before
+    assert screen[8] == "  Prealloc 0B | Used 8M / Limit 64M (12%) | Free 56M"
+
+
 def test_once_and_errors(fakes):
     e = fakes(used=2 * PAGE, limit=8 * PAGE)
     run = lambda *a: subprocess.run([sys.executable, "-m", "kvcached.cli.kvtop", *a], capture_output=True, text=True,
                                     env=env(COLUMNS="80", LINES="24"), cwd=REPO, timeout=60)
     out = run("--once", e.name)
-    assert out.returncode == 0 and "  Prealloc 0B | Used 32M / Limit 128M (25%) | Free 96M" in out.stdout
+    assert out.returncode == 0 and "  Prealloc 0B | Used 32M / Limit 128M (25%) | Free 96M\n" in out.stdout
+    assert out.stdout.splitlines()[1].endswith(" KV 32M")  # the host bar: one rank of this instance
+    tp = fakes(used=2 * PAGE, limit=8 * PAGE, devices=("cpu", "cpu"))
+    out = run("--once", tp.name, e.name)
+    assert out.returncode == 0, out.stderr
+    assert "  Prealloc 0B | Used 32M / Limit 128M (25%) | Free 96M | x2 devices: Used 64M\n" in out.stdout
+    assert out.stdout.splitlines()[1].endswith(" KV 96M")  # two ranks of one, one of the other
     for argv, code, text in [((e.name,), 2, "needs a terminal"), (("--refresh", "0"), 2, "seconds > 0"),
                              (("nobody-here",), 1, "unknown instance"), (("../x", "--once"), 1, "invalid IPC name")]:
         out = run(*argv)

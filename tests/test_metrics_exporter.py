@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from registry_helpers import (  # noqa: F401 (fixtures)
-    PAGE, REPO, Engine, empty_ipc_dir, env, ipc_dir, unique,
+    PAGE, REPO, Engine, empty_ipc_dir, env, fakes, ipc_dir, unique,
 )
 
 from kvcached import registry
@@ -56,6 +56,19 @@ def test_byte_gauges_equal_the_registry_and_dead_instances_export_only_alive_0(e
     finally:
         for e in engines:
             e.stop()
+
+
+def test_a_tensor_parallel_instance_exports_per_device_bytes_and_its_number_of_devices(exporter, fakes):
+    tp = fakes(used=3 * PAGE, premapped=PAGE, limit=8 * PAGE, devices=("cpu", "cpu"))
+    gpus = fakes(used=2 * PAGE, devices=("cuda:0", "cuda:1", "cuda:2", "cuda:3"))
+    one = fakes(used=PAGE)
+    samples = scrape(PORT)
+    for record, label, figures in ((tp, "cpu x2", (3 * PAGE, PAGE, 8 * PAGE, 2)),
+                                   (gpus, "cuda:0,1,2,3", (2 * PAGE, 0, 16 * PAGE, 4)),
+                                   (one, "cpu", (PAGE, 0, 16 * PAGE, 1))):
+        labels = (("device", label), ("instance", record.name))
+        assert tuple(samples[(f"kvcached_instance_{f}", labels)] for f in ("used_bytes", "premapped_bytes",
+                                                                           "limit_bytes", "devices")) == figures
 
 
 def test_a_busy_port_is_one_line_on_stderr(exporter):

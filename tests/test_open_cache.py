@@ -8,6 +8,7 @@ import pytest
 
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL
 from kvcached import Config, ConfigError, KVCacheManager, open_cache, registry
+from kvcached.vmm import HostVirtualMemory
 from registry_helpers import empty_ipc_dir, ipc_dir, unique  # noqa: F401 (fixtures: a private registry directory)
 
 
@@ -15,10 +16,10 @@ from registry_helpers import empty_ipc_dir, ipc_dir, unique  # noqa: F401 (fixtu
 def opened():
     made = []
 
-    def make(*args, **kwargs):
+    def make(device="cpu", **kwargs):
         kwargs.setdefault("virtual_bytes", 16 * PAGE)
         kwargs.setdefault("background", False)
-        manager = open_cache(SMALL, "cpu", *args, **kwargs)
+        manager = open_cache(SMALL, device, **kwargs)
         made.append(manager)
         return manager
 
@@ -61,6 +62,26 @@ def test_bad_and_taken_names_are_refused_with_the_reason(opened):
     with pytest.raises(ConfigError, match=rf"^IPC name '{first.ipc_name}' is in use by a live instance \(pid {os.getpid()}\)"):
         opened(config=Config(page_size_mb=2.0), name=first.ipc_name)
     assert registry.read_instance(first.ipc_name).alive  # the first one is untouched
+
+
+class TwoRankHostMemory(HostVirtualMemory):
+    """Host memory that, like the page table's memory under tensor parallel 2, names a device per rank."""
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu", "cpu")
+
+
+def test_the_record_lists_the_devices_of_the_managers_virtual_memory(opened):
+    config = Config(page_size_mb=2.0, min_reserved_pages=0, max_reserved_pages=0)
+    assert HostVirtualMemory().devices == ("cpu",)  # the base class: one device
+    one = opened(config=config, name=unique("one-rank"))
+    two = opened(TwoRankHostMemory(), config=config, name=unique("two-ranks"))
+    for manager, devices in ((one, ("cpu",)), (two, ("cpu", "cpu"))):
+        r = registry.read_instance(manager.ipc_name)
+        assert (r.devices, r.num_devices, r.used_bytes, r.total_used_bytes) == (devices, len(devices), PAGE,
+                                                                                 len(devices) * PAGE)
+        assert r.device_total_bytes == manager.vmm.total_memory()
 
 
 def test_the_manager_reads_no_environment_and_tells_only_its_observer(monkeypatch):

@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-from dataclasses import replace
 
 from kvcached import registry
 from kvcached.procinfo import start_ticks
@@ -46,7 +45,7 @@ def _write_segment(name: str, data: bytes, mode: int = 0o600) -> str:
 def _with_header(data: bytes, **changes) -> bytes:
     """`data` (a segment image) with header fields replaced."""
     keys = ["magic", "version", "size", "name", "device", "backend", "gpu_id", "pid", "ticks", "pidns", "created",
-            "virtual", "total", "page"]
+            "virtual", "total", "page", "num_devices"]
     values = dict(zip(keys, record_format.HEADER.unpack_from(data, 0)))
     values.update(changes)
     return record_format.HEADER.pack(*[values[k] for k in keys]) + data[record_format.HEADER.size :]
@@ -100,7 +99,9 @@ def test_record_holds_exact_figures_and_mode_0600(fakes):
     st = os.stat(registry.segment_path(e.name))
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     r = registry.read_instance(e.name)
-    assert (r.status, r.pid, r.device, r.backend, r.format_version) == ("alive", os.getpid(), "cpu", "host", 1)
+    assert (r.status, r.pid, r.device, r.backend, r.format_version) == ("alive", os.getpid(), "cpu", "host", 2)
+    assert (r.devices, r.gpu_ids, r.num_devices, r.total_used_bytes, r.total_mapped_bytes) == (
+        ("cpu",), ("",), 1, 3 * PAGE, 5 * PAGE)
     assert (r.limit_bytes, r.used_bytes, r.premapped_bytes, r.free_bytes) == (10 * PAGE, 3 * PAGE, 2 * PAGE, 5 * PAGE)
     assert (r.virtual_bytes, r.device_total_bytes, r.page_bytes) == (16 * PAGE, 100 * PAGE, PAGE)
     e.set(used_bytes=12 * PAGE, premapped_bytes=0)
@@ -166,13 +167,14 @@ def test_segments_are_found_by_magic_and_version_never_by_size(fakes):
     image = _segment_bytes(fakes().name)
     bad_magic, old, small, bigger, link = (unique(t) for t in ("magic", "version", "small", "bigger", "link"))
     _write_segment(bad_magic, _with_header(image, magic=b"NOTKVCAC", name=bad_magic.encode()))
-    _write_segment(old, _with_header(image, version=2, name=old.encode()))
+    _write_segment(old, _with_header(image, version=1, size=512, name=old.encode())[:512])  # kvcached before TP
     _write_segment(small, b"KVCACHED")
     _write_segment(bigger, _with_header(image, name=bigger.encode()) + b"\0" * 4096)
     os.symlink(registry.segment_path(bigger), registry.segment_path(link))
     records = {r.name: r for r in registry.list_instances([bad_magic, old, small, bigger, link])}
     assert records[bad_magic].status == "invalid" and "bad magic" in records[bad_magic].reason
-    assert records[old].status == "invalid" and "format version 2" in records[old].reason
+    assert records[old].status == "invalid"
+    assert records[old].reason == "format version 1 (512 bytes); this kvcached reads version 2"
     assert records[small].status == "invalid" and "too small" in records[small].reason
     assert records[bigger].status == "alive" and records[bigger].used_bytes == PAGE  # extra bytes do not matter
     assert records[link].status == "invalid"  # never followed
@@ -185,6 +187,97 @@ def test_segments_are_found_by_magic_and_version_never_by_size(fakes):
     assert registry.clean_dead() == []  # none of them is a dead segment of ours
     for name in (bad_magic, old, small, misnamed):
         assert os.path.exists(registry.segment_path(name))
+
+
+def test_a_version_1_segment_of_a_dead_process_is_dead_and_its_name_can_be_taken(fakes):
+    """After an upgrade, the segment a stopped engine of the old format left is cleaned like any dead one, so the
+    engine restarts under its name; a live old-format engine's segment stays invalid (its figures are not read)."""
+    image = _segment_bytes(fakes().name)
+    dead, live = unique("v1-dead"), unique("v1-live")
+    _write_segment(dead, _with_header(image, version=1, size=512, name=dead.encode(), pid=999999999)[:512])
+    _write_segment(live, _with_header(image, version=1, size=512, name=live.encode())[:512])  # this process
+    records = {r.name: r for r in registry.list_instances([dead, live])}
+    reason = "format version 1 (512 bytes); this kvcached reads version 2"
+    assert (records[dead].status, records[dead].pid, records[dead].reason, records[dead].format_version) == (
+        "dead", 999999999, reason, 1)
+    assert (records[dead].used_bytes, records[dead].devices) == (0, ())
+    assert (records[live].status, records[live].reason) == ("invalid", reason)
+    e = fakes(dead)  # starting under the dead one's name cleans it and takes the name
+    r = registry.read_instance(e.name)
+    assert (r.status, r.format_version, r.pid) == ("alive", 2, os.getpid())
+    assert registry.read_instance(live).status == "invalid"
+
+
+# ---- tensor parallel: one record, several devices ------------------------------------------------------------------
+
+
+def test_a_tensor_parallel_record_lists_its_devices_with_per_device_figures(fakes):
+    e = fakes(used=3 * PAGE, premapped=PAGE, limit=10 * PAGE, total=100 * PAGE, devices=("cpu", "cpu"))
+    data = _segment_bytes(e.name)
+    assert len(data) == registry.RECORD_SIZE == 1024
+    assert record_format.HEADER.unpack_from(data, 0)[-1] == 2  # the number of devices
+    assert data[512:640] == (b"cpu" + b"\0" * 61) * 2 and data[640:] == b"\0" * 384  # rank order; no GPU ids
+    r = registry.read_instance(e.name)
+    assert (r.status, r.device, r.backend, r.gpu_id, r.devices, r.gpu_ids, r.num_devices) == (
+        "alive", "cpu", "host", "", ("cpu", "cpu"), ("", ""), 2)
+    # Figures are each device's; the totals count every rank.
+    assert (r.limit_bytes, r.used_bytes, r.premapped_bytes, r.free_bytes, r.device_total_bytes) == (
+        10 * PAGE, 3 * PAGE, PAGE, 6 * PAGE, 100 * PAGE)
+    assert (r.total_used_bytes, r.total_mapped_bytes) == (6 * PAGE, 8 * PAGE)
+    d = r.to_dict()
+    assert (d["devices"], d["gpu_ids"], d["num_devices"], d["total_used_bytes"], d["total_mapped_bytes"]) == (
+        ["cpu", "cpu"], ["", ""], 2, 6 * PAGE, 8 * PAGE)
+    e.set(used_bytes=5 * PAGE, premapped_bytes=0)  # the engine part moves; the devices part stays
+    r = registry.read_instance(e.name)
+    assert (r.devices, r.total_used_bytes, r.total_mapped_bytes) == (("cpu", "cpu"), 10 * PAGE, 10 * PAGE)
+    assert _segment_bytes(e.name)[512:] == data[512:]
+
+
+def test_a_gpu_record_names_each_ranks_gpu_and_stays_readable_after_its_process_dies(children):
+    """A real process registers on cuda:0,1 (no CUDA driver is initialised in it, on any machine: the GPU ids are the
+    CUDA_VISIBLE_DEVICES entries, as devices.gpu_id_of falls back); killed, its record reads dead with its devices."""
+    name = unique("tp-gpu")
+    uuids = ("GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000")
+    proc = start_fake_child(name, pages=2, devices=("cuda:0", "cuda:1"), CUDA_VISIBLE_DEVICES=",".join(uuids))
+    children.append(proc)
+    r = registry.read_instance(name)
+    assert (r.status, r.pid, r.backend, r.device, r.gpu_id) == ("alive", proc.pid, "cuda", "cuda:0", uuids[0])
+    assert (r.devices, r.gpu_ids, r.num_devices, r.total_used_bytes) == (("cuda:0", "cuda:1"), uuids, 2, 4 * PAGE)
+    proc.kill()
+    proc.wait(10)
+    r = registry.read_instance(name)
+    assert (r.status, r.devices, r.gpu_ids, r.used_bytes) == ("dead", ("cuda:0", "cuda:1"), uuids, 2 * PAGE)
+
+    other = unique("tp-gpu-index")  # without CUDA_VISIBLE_DEVICES: the CUDA index
+    proc = start_fake_child(other, devices=("cuda:1", "cuda:0"), CUDA_VISIBLE_DEVICES="")
+    children.append(proc)
+    r = registry.read_instance(other)
+    assert (r.devices, r.gpu_ids, r.device, r.gpu_id) == (("cuda:1", "cuda:0"), ("1", "0"), "cuda:1", "1")
+
+
+@pytest.mark.parametrize("devices, message", [
+    (("cpu",) * 9, "1 to 8 devices (one per tensor-parallel rank); this one has 9: cpu, cpu, cpu, cpu, cpu"),
+    ((), "1 to 8 devices (one per tensor-parallel rank); this one has 0"),
+    (("cuda:0", "cpu"), "an instance's devices must all be GPUs or all the host, got cuda:0, cpu"),
+])
+def test_a_record_of_too_many_or_mixed_devices_is_refused_with_the_count(devices, message):
+    name = unique("refused")
+    with pytest.raises(ConfigError) as info:
+        FakeEngine(name, devices=devices)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not os.path.exists(registry.segment_path(name))
+    assert [p for p in os.listdir(registry.shm_dir()) if p.startswith(".kvcached-tmp.")] == []
+
+
+def test_a_record_with_a_bad_device_count_is_invalid(fakes):
+    image = _segment_bytes(fakes(devices=("cpu", "cpu")).name)
+    none, nine = unique("no-devices"), unique("nine-devices")
+    _write_segment(none, _with_header(image, name=none.encode(), num_devices=0))
+    _write_segment(nine, _with_header(image, name=nine.encode(), num_devices=9))
+    records = {r.name: r for r in registry.list_instances([none, nine])}
+    assert (records[none].status, records[none].reason) == ("invalid", "lists 0 devices (1 to 8 are possible)")
+    assert (records[nine].status, records[nine].reason) == ("invalid", "lists 9 devices (1 to 8 are possible)")
+    assert (records[nine].devices, records[nine].num_devices, records[nine].total_used_bytes) == ((), 0, 0)
 
 
 # ---- limits --------------------------------------------------------------------------------------------------------
@@ -327,8 +420,8 @@ def test_publish_writes_the_figures_without_a_syscall_or_lock_file(fakes):
     e = fakes()
     with open_segment(e.name, write=True) as seg:
         assert seg.lock()  # an operator holds the flock meanwhile
-        for used in range(1, 2001):
-            e.reg.publish(replace(e.stats, used_bytes=used * PAGE))
+        for used in range(1, 2001):  # e.set publishes, and keeps what the watcher's own refresh reads the same
+            e.set(used_bytes=used * PAGE)
         assert registry.read_instance(e.name).used_bytes == 2000 * PAGE
         seg.unlock()
 

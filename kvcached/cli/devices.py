@@ -1,13 +1,17 @@
 """Device memory for kvtop's device bars: GPUs through NVML (kvcached/devices.py), the host through /proc/meminfo.
 
 Note: a GPU NVML cannot read (no nvidia-ml-py, no driver, an unknown UUID) gets a bar with the reason instead of
-numbers, so kvtop runs on machines without NVML. Each instance's record names its GPU by UUID (or
-CUDA_VISIBLE_DEVICES entry, or index), so the bar is the right GPU, not GPU 0.
+numbers, so kvtop runs on machines without NVML. Each instance's record names the GPU of each of its ranks by UUID
+(or CUDA_VISIBLE_DEVICES entry, or index), so the bars are the right GPUs, not GPU 0. Each bar also carries the KV
+the live instances hold on that device, an instance counted once per rank there: a tensor-parallel instance on
+cuda:0,1 on both GPUs' bars, one on the host with two ranks twice on the host's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from itertools import zip_longest
 from typing import Iterable
 
 from .. import hostmem
@@ -22,6 +26,7 @@ class DeviceMemory:
     total: int = 0
     used: int = 0
     error: str = ""
+    kv: int = 0  # bytes the live kvcached instances have mapped on it
 
 
 def host_memory() -> DeviceMemory:
@@ -39,18 +44,26 @@ def gpu_memory(nvml: Nvml, gpu_id: str) -> DeviceMemory:
     return DeviceMemory(gpu.label, gpu.total, gpu.total - gpu.free)
 
 
-def _gpu_of(record: InstanceRecord) -> str:
-    if record.gpu_id:
-        return record.gpu_id
-    try:
-        return str(parse_device(record.device).index)
-    except ValueError:
-        return "0"
+def _gpus_of(record: InstanceRecord) -> list[str]:
+    """NVML's name of each rank's GPU: its recorded id, else the CUDA index."""
+    gpus = []
+    for device, gpu_id in zip_longest(record.devices, record.gpu_ids, fillvalue=""):
+        try:
+            gpus.append(gpu_id or str(parse_device(device).index))
+        except ValueError:
+            gpus.append("0")
+    return gpus
 
 
 def device_memory(records: Iterable[InstanceRecord], nvml: Nvml) -> list[DeviceMemory]:
-    """One bar per device the readable instances use: the host first, then each GPU once."""
+    """One bar per device the readable instances use: the host first, then each GPU once, each with the KV mapped
+    there by the live instances (once per rank on that device)."""
     records = [r for r in records if r.status in (InstanceStatus.ALIVE, InstanceStatus.DEAD)]
-    bars = [host_memory()] if any(r.backend == "host" for r in records) else []
-    gpus = sorted({_gpu_of(r) for r in records if r.backend == "cuda"})
-    return bars + [gpu_memory(nvml, gpu) for gpu in gpus]
+    host = [r for r in records if r.backend == "host"]
+    gpu_kv: Counter = Counter()
+    for r in records:
+        if r.backend == "cuda":
+            for gpu in _gpus_of(r):
+                gpu_kv[gpu] += r.mapped_bytes if r.alive else 0
+    bars = [replace(host_memory(), kv=sum(r.total_mapped_bytes for r in host if r.alive))] if host else []
+    return bars + [replace(gpu_memory(nvml, gpu), kv=gpu_kv[gpu]) for gpu in sorted(gpu_kv)]

@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 from .. import registry
+from ..devices import devices_label
 from ..errors import KVCachedError, RegistryError
 from ..registry import InstanceRecord, InstanceStatus
 from ..units import format_size, parse_size
@@ -47,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ipc", nargs="*", help="instance names (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output, exact byte counts")
 
-    p = add("limit", "cap an instance's memory: limit <ipc> <size>")
+    p = add("limit", "cap an instance's memory per device (each tensor-parallel rank): limit <ipc> <size>")
     p.add_argument("ipc", help="instance name")
-    p.add_argument("size", help="512M, 2G, 1.5GiB, bytes, or 'none'")
+    p.add_argument("size", help="512M, 2G, 1.5GiB, bytes, or 'none'; on each of the instance's devices")
 
-    p = add("limit-percent", "cap an instance's memory at a percentage of its own device")
+    p = add("limit-percent", "cap an instance's memory per device at a percentage of its device's memory")
     p.add_argument("ipc", help="instance name")
-    p.add_argument("pct", help="0 to 100, of the total memory of the instance's device")
+    p.add_argument("pct", help="0 to 100, of the total memory of the instance's device (per rank)")
 
     p = add("watch", "print the list again every few seconds (Ctrl-C stops)")
     p.add_argument("-n", "--interval", type=positive_float, default=1.0, metavar="SEC", help="seconds (default 1)")
@@ -101,18 +102,24 @@ def _list(args) -> int:
 
 
 def format_table(records: list[InstanceRecord]) -> str:
+    """The list as a table: figures per device; a TOTAL column (used on all ranks) when an instance spans several."""
     if not records:
         return "no kvcached instances"
-    header = ("NAME", "STATUS", "PID", "DEVICE", "PREALLOC", "USED", "LIMIT", "FREE", "VIRTUAL")
+    several = any(r.num_devices > 1 for r in records)
+    header = ("NAME", "STATUS", "PID", "DEVICE", "PREALLOC", "USED", "LIMIT", "FREE", "VIRTUAL") + ("TOTAL",) * several
     rows = [header]
     for r in records:
         if r.status in (InstanceStatus.FOREIGN, InstanceStatus.INVALID):
-            rows.append((r.name, r.status, "", "", "", "", "", "", r.reason))
+            rows.append((r.name, r.status, "", "", "", "", "", "", r.reason) + ("",) * several)
             continue
-        rows.append((r.name, r.status, str(r.pid), r.device, format_size(r.premapped_bytes), format_size(r.used_bytes),
-                     format_size(r.limit_bytes), format_size(r.free_bytes), format_size(r.virtual_bytes)))
+        rows.append((r.name, r.status, str(r.pid), devices_label(r.devices), format_size(r.premapped_bytes),
+                     format_size(r.used_bytes), format_size(r.limit_bytes), format_size(r.free_bytes),
+                     format_size(r.virtual_bytes)) + (format_size(r.total_used_bytes),) * several)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if several:
+        lines.append("PREALLOC, USED, LIMIT, FREE and VIRTUAL are per device (each tensor-parallel rank); "
+                     "TOTAL is USED on all of an instance's devices")
     notes = [f"{r.name}: {format_size(r.deficit_bytes)} in use above the limit, given back as it is freed"
              for r in records if r.deficit_bytes]
     return "\n".join(lines + notes)
@@ -137,7 +144,8 @@ def _set_limit(name: str, limit: Optional[int]) -> int:
     record = registry.read_instance(name)
     deficit = record.deficit_bytes
     note = f"; {format_size(deficit)} in use above it is given back as freed" if deficit else ""
-    print(f"{name}: limit {shown}, applied in {result.latency_s * 1000:.0f} ms{note}")
+    where = f" per device ({devices_label(record.devices)})" if record.num_devices > 1 else ""
+    print(f"{name}: limit {shown}{where}, applied in {result.latency_s * 1000:.0f} ms{note}")
     return 0
 
 

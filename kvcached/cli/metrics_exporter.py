@@ -3,8 +3,11 @@
 Note (why): `kvctl list` shows the registry to a person; Prometheus needs the same numbers scraped. The collector reads
 the shared-memory records at each scrape (no polling thread, no state of its own) and exports, per live instance of
 this user: used, premapped (mapped but not yet holding blocks) and limit bytes, labelled with the instance name and
-device. A dead instance's last figures are not memory anyone holds, so only `kvcached_instance_alive` 0 is exported
-for it. The router serves these from its own /metrics; without a router, `kvctl metrics --port 9400` serves them alone.
+device. The bytes are one device's: a tensor-parallel instance has them on each of its devices (its device label
+reads "cuda:0,1" or "cpu x2"), and `kvcached_instance_devices` gives their number, so that the instance's total is
+used x devices. A dead instance's last figures are not memory anyone holds, so only `kvcached_instance_alive` 0 is
+exported for it. The router serves these from its own /metrics; without a router, `kvctl metrics --port 9400` serves
+them alone.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from typing import Iterator, Optional
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from kvcached.devices import devices_label
 from kvcached.registry import list_instances
 
-BYTE_GAUGES = (
-    ("kvcached_instance_used_bytes", "KV cache bytes holding blocks in use", "used_bytes"),
-    ("kvcached_instance_premapped_bytes", "bytes mapped ahead of demand (the reserve), not yet in use",
+GAUGES = (
+    ("kvcached_instance_used_bytes", "KV cache bytes holding blocks in use, on each of the instance's devices",
+     "used_bytes"),
+    ("kvcached_instance_premapped_bytes", "bytes mapped ahead of demand (the reserve), not yet in use, on each device",
      "premapped_bytes"),
-    ("kvcached_instance_limit_bytes", "the instance's memory limit in bytes", "limit_bytes"),
+    ("kvcached_instance_limit_bytes", "the instance's memory limit in bytes, per device", "limit_bytes"),
+    ("kvcached_instance_devices", "devices the instance spans (tensor-parallel ranks), each holding the bytes above",
+     "num_devices"),
 )
 
 
@@ -35,12 +42,12 @@ class RegistryCollector:
     def collect(self) -> Iterator[Metric]:
         records = [r for r in list_instances(self.names, missing_ok=True) if r.status in ("alive", "dead")]
         alive = GaugeMetricFamily("kvcached_instance_alive", "1 while the instance's process lives", labels=["instance"])
-        families = [GaugeMetricFamily(name, doc, labels=["instance", "device"]) for name, doc, _ in BYTE_GAUGES]
+        families = [GaugeMetricFamily(name, doc, labels=["instance", "device"]) for name, doc, _ in GAUGES]
         for record in records:
             alive.add_metric([record.name], 1.0 if record.alive else 0.0)
             if record.alive:
-                for family, (_, _, field) in zip(families, BYTE_GAUGES):
-                    family.add_metric([record.name, record.device], float(getattr(record, field)))
+                for family, (_, _, field) in zip(families, GAUGES):
+                    family.add_metric([record.name, devices_label(record.devices)], float(getattr(record, field)))
         yield alive
         yield from families
 

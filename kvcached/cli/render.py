@@ -1,14 +1,17 @@
 """kvtop's screen as plain data: lines of (text, style) pieces for a given width and height, no curses here.
 
 Per instance two lines: name, state, pid, device and a bar ('|' used, ':' premapped, blank free, up to its limit),
-then "Prealloc X | Used Y / Limit Z (P%) | Free F". A device bar per GPU (NVML) or for the host. Instances that do
-not fit the height are counted on the last line. Styles: title, used, prealloc, over, dead, dim, normal.
+then "Prealloc X | Used Y / Limit Z (P%) | Free F": one device's figures, followed by "| x2 devices: Used T" for a
+tensor-parallel instance. A device bar per GPU (NVML) or for the host, with the KV kvcached instances have mapped
+there. Instances that do not fit the height are counted on the last line. Styles: title, used, prealloc, over, dead,
+dim, normal.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from ..devices import devices_label
 from ..registry import InstanceRecord
 from ..units import format_size
 from .devices import DeviceMemory
@@ -39,6 +42,8 @@ def device_line(device: DeviceMemory, width: int) -> Line:
         return [(label, "title"), (device.error, "dim")]
     pct = 100 * device.used / device.total if device.total else 0
     text = f" {format_size(device.used)}/{format_size(device.total)} ({pct:.0f}%)"
+    if device.kv:
+        text += f" KV {format_size(device.kv)}"
     return [(label, "title")] + bar(width - len(label) - len(text), device.total, device.used) + [(text, "normal")]
 
 
@@ -48,7 +53,17 @@ def usage_text(r: InstanceRecord) -> str:
             f"Limit {format_size(r.limit_bytes)} ({pct}) | Free {format_size(r.free_bytes)}")
     if r.deficit_bytes:
         text += f" | over by {format_size(r.deficit_bytes)}"
+    if r.num_devices > 1:
+        text += f" | x{r.num_devices} devices: Used {format_size(r.total_used_bytes)}"
     return text
+
+
+def short_devices(r: InstanceRecord, width: int = 7) -> str:
+    """The device column: "cuda:0", "cpu x2", "cuda:0,1", or "cuda x4" where the list is wider than `width`."""
+    label = devices_label(r.devices)
+    if len(label) <= width or r.num_devices < 2:
+        return label
+    return f"{r.backend if r.backend != 'host' else 'cpu'} x{r.num_devices}"
 
 
 def instance_lines(r: InstanceRecord, width: int) -> list[Line]:
@@ -57,7 +72,7 @@ def instance_lines(r: InstanceRecord, width: int) -> list[Line]:
     head = [(f"{r.name[:20]:<20} ", "title"), (f"{state:<7} ", state_style)]
     if r.status in ("foreign", "invalid"):
         return [head, [("  " + r.reason, "dim")]]
-    head.append((f"{r.pid:>7} {r.device[:7]:<7} ", "normal"))
+    head.append((f"{r.pid:>7} {short_devices(r)[:7]:<7} ", "normal"))
     used = len(head[0][0]) + len(head[1][0]) + len(head[2][0])
     pieces = bar(width - used, r.limit_bytes, r.used_bytes, r.premapped_bytes)
     if not r.alive:

@@ -4,6 +4,10 @@ Note (liveness): an instance is alive while a process with its pid and the same 
 (kvcached/procinfo.py), so a reused pid is not taken for it. An instance in another pid namespace (a container sharing
 /dev/shm) cannot be checked that way: it counts as alive while its heartbeat, written every 0.25 s, is younger than
 5 s. A segment is never judged by its size: magic, format version and the name inside must match.
+
+Note (devices): `devices` lists an instance's devices in tensor-parallel rank order (one entry for an engine without
+TP). Its figures (limit, used, premapped, virtual, device total) are each device's: every rank maps the same pages,
+so a limit is per device, and the instance as a whole holds `total_used_bytes` = used x ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from enum import Enum
 from typing import Callable, Optional
 
 from ..procinfo import is_running, pid_namespace
-from .format import CONTROL, CONTROL_AT, ENGINE, ENGINE_AT, FORMAT_VERSION, HEADER, MAGIC, RECORD_SIZE, STALE_S, read_part
+from .format import (
+    CONTROL, CONTROL_AT, DEVICE, DEVICES_AT, ENGINE, ENGINE_AT, FORMAT_VERSION, HEADER, MAGIC, MAX_DEVICES,
+    RECORD_SIZE, STALE_S, read_part,
+)
 
 
 class InstanceStatus(str, Enum):
@@ -34,7 +41,9 @@ class InstanceStatus(str, Enum):
 
 @dataclass(frozen=True)
 class InstanceRecord:
-    """One segment as read now. `status`: alive, dead, foreign (another user's: not read) or invalid (`reason`)."""
+    """One segment as read now. `status`: alive, dead, foreign (another user's: not read) or invalid (`reason`).
+    Byte figures are per device; `device`/`gpu_id` are rank 0's, `devices`/`gpu_ids` every rank's (default: the one
+    `device`)."""
 
     name: str
     status: InstanceStatus
@@ -45,7 +54,7 @@ class InstanceRecord:
     backend: str = ""
     gpu_id: str = ""
     virtual_bytes: int = 0
-    device_total_bytes: int = 0
+    device_total_bytes: int = 0  # what one rank has of its device (the VirtualMemory's total_memory())
     page_bytes: int = 0
     limit_bytes: int = 0
     used_bytes: int = 0
@@ -58,6 +67,13 @@ class InstanceRecord:
     persisted_limit: Optional[int] = None
     created_ns: int = 0
     format_version: int = 0
+    devices: tuple[str, ...] = ()
+    gpu_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.devices and self.device:  # a record built with one device: it is the only rank
+            object.__setattr__(self, "devices", (self.device,))
+            object.__setattr__(self, "gpu_ids", (self.gpu_id,))
 
     @property
     def alive(self) -> bool:
@@ -66,6 +82,21 @@ class InstanceRecord:
     @property
     def mapped_bytes(self) -> int:
         return self.used_bytes + self.premapped_bytes
+
+    @property
+    def num_devices(self) -> int:
+        """Tensor-parallel ranks, each with its own device (0 for a record that could not be read)."""
+        return len(self.devices)
+
+    @property
+    def total_used_bytes(self) -> int:
+        """Used bytes on all the instance's devices together."""
+        return self.used_bytes * self.num_devices
+
+    @property
+    def total_mapped_bytes(self) -> int:
+        """Mapped bytes (used and premapped) on all the instance's devices together."""
+        return self.mapped_bytes * self.num_devices
 
     @property
     def free_bytes(self) -> int:
@@ -80,7 +111,9 @@ class InstanceRecord:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(status=self.status.value, alive=self.alive, mapped_bytes=self.mapped_bytes,
-                 free_bytes=self.free_bytes, deficit_bytes=self.deficit_bytes)
+                 free_bytes=self.free_bytes, deficit_bytes=self.deficit_bytes, devices=list(self.devices),
+                 gpu_ids=list(self.gpu_ids), num_devices=self.num_devices, total_used_bytes=self.total_used_bytes,
+                 total_mapped_bytes=self.total_mapped_bytes)
         return d
 
 
@@ -94,13 +127,26 @@ def parse_record(buf, name: str, st: os.stat_result, persisted_limit: Callable[[
         return InstanceRecord(name=name, status=InstanceStatus.INVALID, uid=st.st_uid, reason=reason)
 
     (magic, version, size, raw_name, device, backend, gpu_id, pid, ticks, pidns, created, virtual, total,
-     page) = HEADER.unpack_from(buf, 0)
+     page, count) = HEADER.unpack_from(buf, 0)
+    other_namespace = bool(pidns) and pidns != pid_namespace()
     if magic != MAGIC:
         return invalid("not a kvcached segment (bad magic)")
     if version != FORMAT_VERSION or size != RECORD_SIZE:
-        return invalid(f"format version {version} ({size} bytes); this kvcached reads version {FORMAT_VERSION}")
+        reason = f"format version {version} ({size} bytes); this kvcached reads version {FORMAT_VERSION}"
+        # Version 1's header is this one's without the device count: when its process is gone, the segment is dead
+        # (cleaned as any), so an engine restarted under the name after an upgrade takes it over.
+        old = (version, size) == (1, 512) and _decode(raw_name) == name
+        if old and not other_namespace and not is_running(pid, ticks):
+            return InstanceRecord(name=name, status=InstanceStatus.DEAD, uid=st.st_uid, reason=reason, pid=pid,
+                                  format_version=version)
+        return invalid(reason)
+    if len(buf) < RECORD_SIZE:
+        return invalid(f"{len(buf)} bytes, too small")
     if _decode(raw_name) != name:
         return invalid(f"holds the name {_decode(raw_name)!r}")
+    if not 1 <= count <= MAX_DEVICES:
+        return invalid(f"lists {count} devices (1 to {MAX_DEVICES} are possible)")
+    ranks = [DEVICE.unpack_from(buf, DEVICES_AT + i * DEVICE.size) for i in range(count)]
     engine = read_part(buf, ENGINE_AT, ENGINE)
     control = read_part(buf, CONTROL_AT, CONTROL)
     reason = ""
@@ -111,7 +157,7 @@ def parse_record(buf, name: str, st: os.stat_result, persisted_limit: Callable[[
     limit, used, premapped, heartbeat, applied, error = engine
     generation, requested = control
     age = max(0.0, (time.monotonic_ns() - heartbeat) / 1e9)
-    if pidns and pidns != pid_namespace():
+    if other_namespace:
         alive = age < STALE_S
     else:
         alive = is_running(pid, ticks)
@@ -121,5 +167,6 @@ def parse_record(buf, name: str, st: os.stat_result, persisted_limit: Callable[[
         device_total_bytes=total, page_bytes=page, limit_bytes=limit, used_bytes=used, premapped_bytes=premapped,
         heartbeat_age_s=age, applied_generation=applied, apply_error=bool(error), requested_generation=generation,
         requested_limit=None if requested < 0 else requested, persisted_limit=persisted_limit(name),
-        created_ns=created, format_version=version,
+        created_ns=created, format_version=version, devices=tuple(_decode(d) for d, _ in ranks),
+        gpu_ids=tuple(_decode(g) for _, g in ranks),
     )

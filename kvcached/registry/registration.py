@@ -17,15 +17,15 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..devices import gpu_id_of, parse_device
 from ..errors import ConfigError
 from ..procinfo import pid_namespace, start_ticks
 from .admin import clean_dead
 from .format import (
-    CONTROL, CONTROL_AT, ENGINE, ENGINE_AT, FORMAT_VERSION, HEADER, HEARTBEAT_S, MAGIC, RECORD_SIZE, SEQ,
-    WATCH_INTERVAL_S, pack_part, read_part, write_part,
+    CONTROL, CONTROL_AT, DEVICE, DEVICES_AT, ENGINE, ENGINE_AT, FORMAT_VERSION, HEADER, HEARTBEAT_S, MAGIC,
+    MAX_DEVICES, RECORD_SIZE, SEQ, WATCH_INTERVAL_S, pack_part, read_part, write_part,
 )
 from .names import TMP_PREFIX, default_name, owner_name, segment_path, validate_name
 from .records import InstanceStatus
@@ -58,20 +58,25 @@ class Registration:
         self._release_at_exit: Optional[Callable[[], None]] = None
 
     @classmethod
-    def open(cls, name: Optional[str], *, device: str, virtual_bytes: int, device_total_bytes: int,
+    def open(cls, name: Optional[str], *, devices: Sequence[str], virtual_bytes: int, device_total_bytes: int,
              explicit_limit: Optional[int], stats: Callable[[], "MemoryStats"],
              apply_limit: Callable[[Optional[int]], None]) -> "Registration":
+        """Register an instance on `devices` (rank order; one per tensor-parallel rank), whose figures (stats,
+        virtual and device total bytes) are each device's."""
         name = default_name() if name is None else validate_name(name)
+        kind = _device_kind(devices)
+        ranks = [(device.encode()[:16], gpu_id_of(device).encode()[:48]) for device in devices]
         clean_dead()
         first = stats()
         header = HEADER.pack(
-            MAGIC, FORMAT_VERSION, RECORD_SIZE, name.encode(), device.encode()[:16],
-            (b"cuda" if parse_device(device).is_cuda else b"host"), gpu_id_of(device).encode()[:48], os.getpid(),
+            MAGIC, FORMAT_VERSION, RECORD_SIZE, name.encode(), ranks[0][0], kind, ranks[0][1], os.getpid(),
             start_ticks(os.getpid()) or 0, pid_namespace(), time.time_ns(), virtual_bytes, device_total_bytes,
-            first.page_bytes,
+            first.page_bytes, len(ranks),
         )
         image = bytearray(RECORD_SIZE)
         image[: len(header)] = header
+        for rank, (device, gpu_id) in enumerate(ranks):
+            DEVICE.pack_into(image, DEVICES_AT + rank * DEVICE.size, device, gpu_id)
         engine = (first.limit_bytes, first.used_bytes, first.premapped_bytes, time.monotonic_ns(), 0, 0)
         image[ENGINE_AT : ENGINE_AT + 12 + ENGINE.size] = pack_part(0, ENGINE, engine)
         image[CONTROL_AT : CONTROL_AT + 12 + CONTROL.size] = pack_part(0, CONTROL, (0, -1))
@@ -168,6 +173,19 @@ class Registration:
         if not self._closed:
             self._values[3] = time.monotonic_ns()
             self._seq = write_part(self._seg.mm, ENGINE_AT, self._seq, ENGINE, tuple(self._values))
+
+
+def _device_kind(devices: Sequence[str]) -> bytes:
+    """The record's backend for `devices` ("cuda" or "host"); ConfigError unless they are 1 to MAX_DEVICES devices of
+    one kind."""
+    if not 1 <= len(devices) <= MAX_DEVICES:
+        listed = f": {', '.join(map(str, devices))}" if devices else ""
+        raise ConfigError(f"a kvcached instance is registered with 1 to {MAX_DEVICES} devices (one per tensor-parallel "
+                          f"rank); this one has {len(devices)}{listed}")
+    kinds = {parse_device(d).kind for d in devices}
+    if len(kinds) != 1:
+        raise ConfigError(f"an instance's devices must all be GPUs or all the host, got {', '.join(devices)}")
+    return b"cuda" if kinds == {"cuda"} else b"host"
 
 
 def _link_segment(name: str, image: bytes) -> Segment:

@@ -18,7 +18,7 @@ from typing import Optional
 
 from ..errors import RegistryError
 
-from .format import RECORD_SIZE
+from .format import HEADER, RECORD_SIZE
 from .names import TMP_PREFIX, ipc_group, is_trusted, limit_path, owner_name, segment_path, shm_dir
 from .records import InstanceRecord, InstanceStatus, parse_record
 
@@ -34,9 +34,10 @@ class Segment:
         self.mm = None
         try:
             self.stat = os.fstat(self.fd)
-            if is_trusted(self.stat) and stat.S_ISREG(self.stat.st_mode) and self.stat.st_size >= RECORD_SIZE:
+            if is_trusted(self.stat) and stat.S_ISREG(self.stat.st_mode) and self.stat.st_size >= HEADER.size:
                 access = mmap.ACCESS_WRITE if write else mmap.ACCESS_READ
-                self.mm = mmap.mmap(self.fd, RECORD_SIZE, access=access)
+                # A header is enough to tell an older format's segment; parse_record checks the whole record's size.
+                self.mm = mmap.mmap(self.fd, min(self.stat.st_size, RECORD_SIZE), access=access)
         except BaseException:
             os.close(self.fd)
             raise
