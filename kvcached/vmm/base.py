@@ -47,6 +47,11 @@ class VirtualMemory(ABC):
     def tensor(self, address: int, size: int) -> torch.Tensor:
         """A uint8 torch tensor over [address, address+size) that shares the memory (no copy)."""
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices this memory lives on, in rank order: one, unless several processes map it (tensor parallel)."""
+        return (self.device,)
+
     def check_aligned(self, address: int, size: int) -> None:
         if size <= 0:
             raise ValueError(f"size must be > 0, got {size}")
