@@ -9,6 +9,7 @@ host memory (the worker's side, here in-process); block ids are exact: 2 layers,
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -213,3 +214,37 @@ def test_tensor_parallel_over_ray_is_refused_and_any_tensor_parallel_size_is_acc
     for tp in (1, 2, 8):
         planning.check_parallel(engine_config(tp=tp))
     assert planning.devices_of(engine_config(tp=4)) == ("cpu",) * 4
+
+
+class _FailingFollower:
+    def before_step(self) -> None:
+        raise RuntimeError("cuMemMap failed")
+
+
+def test_rank_0_that_cannot_map_before_a_step_raises_to_the_engine(monkeypatch):
+    from kvcached.integrations.vllm import worker
+
+    monkeypatch.setattr(worker, "_worker_kv", SimpleNamespace(rank=0, follower=_FailingFollower()))
+    with pytest.raises(RuntimeError, match="^cuMemMap failed$"):
+        worker.run_step(lambda runner: pytest.fail("the step ran"), None)
+
+
+def test_a_rank_above_0_that_cannot_map_before_a_step_ends_its_worker_process():
+    # vLLM drops errors of ranks >= 1; rank 0 would wait for this one in the step's all-reduce (worker.py's Note).
+    code = (
+        "import logging, sys\n"
+        "from types import SimpleNamespace\n"
+        "from kvcached.integrations.vllm import worker\n"
+        "def fail():\n"
+        "    raise RuntimeError('cuMemMap failed')\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "worker._worker_kv = SimpleNamespace(rank=1, follower=SimpleNamespace(before_step=fail))\n"
+        "worker.run_step(lambda runner: print('STEP RAN'), None)\n"
+        "print('RETURNED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stdout == ""  # neither the step nor anything after it ran
+    assert re.search(r"kvcached: rank 1 \(pid \d+\) could not map its KV pages before a step; ending this worker",
+                     done.stderr)
+    assert "RuntimeError: cuMemMap failed" in done.stderr
