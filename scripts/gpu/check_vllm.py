@@ -161,12 +161,13 @@ def wait_for_memory(gpu: Gpu, baseline: int, timeout_s: float = 120) -> None:
 # ---- servers ----------------------------------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, name: str, model_dir: str, port: int, kvcached: bool, **extra_env: str) -> None:
+    def __init__(self, name: str, model_dir: str, port: int, kvcached: bool, args: tuple[str, ...] = (),
+                 **extra_env: str) -> None:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         self.log_path = os.path.join(OUT, "logs", f"{name}.log")
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                 "--served-model-name", name, "--max-model-len", "4096", "--seed", "0", "--generation-config", "vllm",
-                "--disable-uvicorn-access-log"]
+                "--disable-uvicorn-access-log", *args]
         self.proc = subprocess.Popen(argv, env=env(kvcached, name, KVCACHED_IPC_NAME=name, **extra_env),
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
