@@ -12,11 +12,11 @@ kvcached is installed into the machine's Python (its start-up hook is a .pth, wh
 What each part should show (its checks; $OUT/check_vllm_tp_<part>.json holds the figures, $OUT/logs/ the logs):
   tokens      greedy ids of 8 prompts x 32 tokens identical with and without kvcached (CUDA graphs on, vLLM defaults);
               the kvcached log says "tensor parallel 2" and each rank logged its own reservation on its own GPU.
-  server      with kvcached, on BOTH GPUs the used memory (NVML, per GPU) rises in a burst of 64 long requests and
-              falls back to about its idle figure after it (within 2 pages of the idle figure + 256 MiB); the two
-              GPUs move together (the same pages on each); then `kvctl limit NAME 2G` (per device) during a second
-              burst: the registry's mapped bytes never exceed 2G, neither GPU's used memory rises more than 2G + 256 MiB
-              over its idle figure, and all requests complete.
+  server      with kvcached, on BOTH GPUs the used memory (NVML, per GPU) rises in a burst of 96 long requests (about
+              650 MB of KV per GPU) by at least half of that and falls back to within 64 MiB of its idle figure after
+              it; the two GPUs move together (the same pages on each, within 64 MiB); then `kvctl limit NAME 256M`
+              (per device) during a second burst: the registry's mapped bytes never exceed 256M, neither GPU's used
+              memory rises more than 256M + 64 MiB over its idle figure, and all requests complete.
   throughput  256 prompts x 128 tokens (prompts of ~1000 tokens) on an 8B-shaped random Llama (32/8 heads), TP 2:
               output tokens/s of kvcached / vanilla, both with vLLM's GPU defaults; the check is >= 0.95.
 Models: random-weight Llamas from /tmp/vc/vllm_gpu_model.py with KV heads divisible by 2.
@@ -37,8 +37,10 @@ import check_vllm as base  # noqa: E402  the single-GPU check's server, burst, m
 
 OUT = base.OUT
 SMALL = ["--layers", "4", "--hidden", "1024", "--heads", "16", "--kv-heads", "8"]
+KV_PER_TOKEN = 4 * 2 * (8 // 2) * 64 * 2  # per GPU: layers x (K, V) x KV heads per rank x head size x bf16
 TP = ["--tensor-parallel-size", "2"]
-GIB = 1 << 30
+REQUESTS, WORDS, MAX_TOKENS = 96, 1500, 128
+LIMIT, SLACK = 256 << 20, 64 << 20
 
 
 class Gpus:
@@ -102,33 +104,34 @@ def part_server(gpus: Gpus) -> dict:
         ready_s = server.wait_ready()
         time.sleep(3)
         idle = gpus.used()
-        done, samples = base.sampled(gpus, lambda: base.burst(server, 64, 1500, 128))
+        done, samples = base.sampled(gpus, lambda: base.burst(server, REQUESTS, WORDS, MAX_TOKENS))
         time.sleep(4)
         after = gpus.used()
         peak = [max(s["used"][i] for s in samples) for i in (0, 1)]
         base.log(f"burst: GPUs MiB idle {[u >> 20 for u in idle]}, peak {[u >> 20 for u in peak]}, "
                  f"after {[u >> 20 for u in after]}")
-        subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", name, "2G"], check=True)
+        subprocess.run([sys.executable, "-m", "kvcached.cli.kvctl", "limit", name, str(LIMIT)], check=True)
         both = SimpleNamespace(snapshot=lambda: {"used": gpus.used(), "mapped": registry_mapped(name)})
-        limited, limit_samples = base.sampled(both, lambda: base.burst(server, 64, 1500, 128), 0.05)
+        limited, limit_samples = base.sampled(both, lambda: base.burst(server, REQUESTS, WORDS, MAX_TOKENS), 0.05)
         limit_peak = [max(s["used"][i] for s in limit_samples) for i in (0, 1)]
         mapped_peak = max(s["mapped"] for s in limit_samples)
         base.log(f"limited burst: GPUs peak MiB {[u >> 20 for u in limit_peak]}, registry peak {mapped_peak >> 20} MiB")
         errs = base.errors(server.log_path)
     finally:
         server.stop()
-    slack = 256 << 20
+    demand = REQUESTS * (WORDS + 12 + MAX_TOKENS) * KV_PER_TOKEN  # about a token per word, plus the "Request i:"
     checks = {
-        "burst_complete": all(t == 128 for t in done),
-        "both_gpus_rise": all(p - i > 4 * GIB for p, i in zip(peak, idle)),
-        "both_gpus_fall_back": all(a - i <= slack + 2 * (64 << 20) for a, i in zip(after, idle)),
-        "gpus_move_together": abs((peak[0] - idle[0]) - (peak[1] - idle[1])) <= slack,
-        "limited_burst_complete": all(t == 128 for t in limited),
-        "registry_under_limit": mapped_peak <= 2 * GIB,
-        "both_gpus_under_limit": all(p - i <= 2 * GIB + slack for p, i in zip(limit_peak, idle)),
+        "burst_complete": all(t == MAX_TOKENS for t in done),
+        "both_gpus_rise": all(p - i >= demand // 2 for p, i in zip(peak, idle)),
+        "both_gpus_fall_back": all(a - i <= SLACK for a, i in zip(after, idle)),
+        "gpus_move_together": abs((peak[0] - idle[0]) - (peak[1] - idle[1])) <= SLACK,
+        "demand_exceeds_limit": demand > LIMIT,
+        "limited_burst_complete": all(t == MAX_TOKENS for t in limited),
+        "registry_under_limit": mapped_peak <= LIMIT,
+        "both_gpus_under_limit": all(p - i <= LIMIT + SLACK for p, i in zip(limit_peak, idle)),
         "no_errors_in_log": not errs,
     }
-    return {"checks": checks, "ready_s": ready_s, "idle": idle, "peak": peak, "after": after,
+    return {"checks": checks, "ready_s": ready_s, "kv_demand_bytes": demand, "idle": idle, "peak": peak, "after": after,
             "limited_peak": limit_peak, "registry_limited_peak": mapped_peak, "errors": errs,
             "samples": samples[::5]}
 
