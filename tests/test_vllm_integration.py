@@ -248,3 +248,15 @@ def test_a_rank_above_0_that_cannot_map_before_a_step_ends_its_worker_process():
     assert re.search(r"kvcached: rank 1 \(pid \d+\) could not map its KV pages before a step; ending this worker",
                      done.stderr)
     assert "RuntimeError: cuMemMap failed" in done.stderr
+
+
+def test_each_rank_gets_the_gpu_vllm_gives_its_local_rank(monkeypatch):
+    import vllm.platforms
+
+    # vLLM's platform maps a local rank to a visible GPU (after CUDA_VISIBLE_DEVICES, assigned GPU ids); the plan asks it
+    visible = {0: 2, 1: 1}
+    monkeypatch.setattr(vllm.platforms, "current_platform",
+                        SimpleNamespace(logical_device_id_to_visible_device_id=visible.__getitem__), raising=False)
+    config = engine_config(tp=2)
+    config.device_config.device_type = "cuda"
+    assert planning.devices_of(config) == ("cuda:2", "cuda:1")
