@@ -1,23 +1,31 @@
-"""A shared-memory page table: one process decides which pages are wanted, another maps them and says how it went.
+"""A shared-memory page table: one process decides which pages are wanted, its followers map them and say how it went.
 
-Note: in vLLM the block pool (scheduler) and the KV tensors (worker) live in different processes. Rather than send
+Note: in vLLM the block pool (scheduler) and the KV tensors (workers) live in different processes. Rather than send
 map/unmap orders over a side channel, the scheduler's page allocator writes one byte per page ("wanted") into a small
-shared-memory file through `TableVirtualMemory`, a VirtualMemory whose map/unmap only flip those bytes. The worker
+shared-memory file through `TableVirtualMemory`, a VirtualMemory whose map/unmap only flip those bytes. Each worker
 runs a `PageFollower`: a thread, woken through a FIFO next to the table, that makes the real mappings follow the table
 (so premapped pages are mapped ahead, off the engine's thread), and a check before every step that maps whatever is
-still missing. Unmapping happens only between steps (the follower takes the step lock), and only for pages still
+still missing. Unmapping happens only between steps (the follower takes its step lock), and only for pages still
 unwanted at that moment, so a page the scheduler wants again is never taken away under a running step. An idle engine
 sends no steps, yet its pages are still released: the follower thread needs none.
 
+Note [one deciding process, N followers]: with tensor parallelism every rank holds its own shard of every page (the
+same page numbers, `page_bytes` each, on its own device). The table has one row of answers per rank, each rank's
+follower has its own step lock and follows the one `wanted` array on its own device. Ranks step together (vLLM sends
+each step to all of them), and the scheduler's ordering argument below holds per rank: a page released while rank 1
+is still inside step N waits for rank 1's step to end, whatever rank 0 did meanwhile. A page counts as mapped only
+when every rank has answered for it (`TableVirtualMemory.settle`), so a promise holds on every device.
+
 Note [a promise is only made for memory the worker holds]: when two engines race for a GPU's last memory, the
-scheduler may decide to map a page that the worker then cannot get (CUDA out of memory). So the worker answers every
-request: each `map` bumps that page's request number, and the follower writes back, per page, the last request it
-answered and whether the page is mapped or failed (it never raises for lack of memory). `TableVirtualMemory.settle()`
-waits for every wanted page's answer and names the pages that failed: the block pool promises blocks to vLLM only
-after that (integrations/vllm/block_pool.py), and gives failed pages back instead, so vLLM waits as with a full pool.
+scheduler may decide to map a page that a worker then cannot get (CUDA out of memory). So the workers answer every
+request: each `map` bumps that page's request number, and each follower writes back, in its rank's row, the last
+request it answered and whether the page is mapped or failed (it never raises for lack of memory).
+`TableVirtualMemory.settle()` waits for every rank's answer on every wanted page and names the pages that failed on
+any rank: the block pool promises blocks to vLLM only after that (integrations/vllm/block_pool.py), and gives failed
+pages back instead, so vLLM waits as with a full pool.
 
 Note [the worker never holds more than the table wants]: the scheduler's page allocator keeps the wanted pages under
-the limit at every instant (it marks a page unwanted before it lets another page be wanted in its place), so the
+the limit at every instant (it marks a page unwanted before it lets another page be wanted in its place), so a
 worker stays under the limit if it never holds more pages than the table wants at that moment. Two things broke that
 before (tests/test_vllm_e2e.py caught the worker's resident KV one partly populated page over the limit):
   1. A step held a page the scheduler had just released (its unmap waits for the step to end), while the follower
@@ -28,8 +36,13 @@ So each pass works from one consistent snapshot of the table (`PageTable.snapsho
 only while the pages it holds number fewer than the snapshot wants: a page still held by a running step keeps the
 page wanted in its place waiting until the step ends (the running step cannot need it: it was scheduled before).
 
-Limits: one scheduler and one worker per table (tensor_parallel_size 1). The snapshot and the answers rely on stores
-reaching other processes in order (x86-64's memory model).
+Memory headroom: the deciding side's free/total memory is the tightest device's, per rank on it (min over devices of
+free // ranks there): on GPUs a page is mapped only if every GPU has room for its shard; with all ranks on host
+memory each page costs one shard per rank, and is counted so. With unequal GPUs the free and total minima may come
+from different devices: an approximation.
+
+Limits: the snapshot and the answers rely on stores reaching other processes in order (x86-64's memory model); all
+followers must share the host's /dev/shm (one node).
 """
 
 from __future__ import annotations
@@ -41,19 +54,21 @@ import stat
 import struct
 import threading
 import time
-from typing import Callable, NamedTuple, Optional
+from collections import Counter
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .devices import parse_device
 from .errors import DriverError, KVCachedError
 from .units import ceil_div
 from .vmm import VirtualMemory
 from .vmm.probe import device_memory
 
 _MAGIC = b"KVCPAGES"
-_VERSION = 3
-_HEADER = struct.Struct("<8sIIQQ")  # magic, version, num_pages, page_bytes, change counter
+_VERSION = 4
+_HEADER = struct.Struct("<8sIIQQI")  # magic, version, num_pages, page_bytes, change counter, ranks
 _COUNTER_AT = 24
 _ARRAYS_AT = 64
 POLL_S = 0.005  # the follower's fallback poll; a write to the wake FIFO wakes it at once
@@ -61,13 +76,17 @@ ANSWER_TIMEOUT_S = 60.0  # a worker that answers nothing for this long is stuck 
 MAPPED, FAILED = 1, 2
 
 
-def _layout(num_pages: int) -> dict[str, tuple[int, type]]:
-    """Offsets of the arrays after the header: the scheduler writes `wanted` and `request`, the worker `answered`
-    (the request number it last answered) and `state` (MAPPED or FAILED)."""
+_ARRAYS = (("request", np.uint32, False), ("answered", np.uint32, True), ("wanted", np.uint8, False),
+           ("state", np.uint8, True))  # name, type, one row per rank
+
+
+def _layout(num_pages: int, ranks: int) -> dict[str, tuple[int, type]]:
+    """Offsets of the arrays after the header: the scheduler writes `wanted` and `request`, each rank's follower its
+    row of `answered` (the request number it last answered) and of `state` (MAPPED or FAILED)."""
     offsets, at = {}, _ARRAYS_AT
-    for name, dtype in (("request", np.uint32), ("answered", np.uint32), ("wanted", np.uint8), ("state", np.uint8)):
+    for name, dtype, per_rank in _ARRAYS:
         offsets[name] = (at, dtype)
-        at += ceil_div(num_pages * np.dtype(dtype).itemsize, 8) * 8
+        at += ceil_div((ranks if per_rank else 1) * num_pages * np.dtype(dtype).itemsize, 8) * 8
     offsets["end"] = (at, np.uint8)
     return offsets
 
@@ -85,17 +104,18 @@ class PageTable:
         try:
             size = os.fstat(fd).st_size
             header = os.pread(fd, _HEADER.size, 0)
-            magic, version, self.num_pages, self.page_bytes, _ = (
-                _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0, 0, 0))
-            layout = _layout(self.num_pages)
-            if magic != _MAGIC or version != _VERSION or size != layout["end"][0]:
+            magic, version, self.num_pages, self.page_bytes, _, self.ranks = (
+                _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0, 0, 0, 0))
+            layout = _layout(self.num_pages, self.ranks)
+            if magic != _MAGIC or version != _VERSION or self.ranks < 1 or size != layout["end"][0]:
                 raise KVCachedError(f"{path} is not a kvcached page table (version {_VERSION})")
             self._mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        for name in ("request", "answered", "wanted", "state"):
-            offset, dtype = layout[name]
-            setattr(self, name, np.frombuffer(self._mm, dtype=dtype, count=self.num_pages, offset=offset))
+        for name, dtype, per_rank in _ARRAYS:
+            rows = self.ranks if per_rank else 1
+            array = np.frombuffer(self._mm, dtype=dtype, count=rows * self.num_pages, offset=layout[name][0])
+            setattr(self, name, array.reshape(rows, self.num_pages) if per_rank else array)
         # Read and write ends in one descriptor: writes never block or fail for want of a reader, and a reader never
         # sees end-of-file (which select would report as readable forever).
         self.wake_fd = os.open(path + ".wake", os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
@@ -106,11 +126,14 @@ class PageTable:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, path: str, num_pages: int, page_bytes: int) -> "PageTable":
+    def create(cls, path: str, num_pages: int, page_bytes: int, ranks: int = 1) -> "PageTable":
+        """A table for `ranks` followers (one per tensor-parallel rank), each answering in its own row."""
+        if ranks < 1:
+            raise ValueError(f"a page table needs at least one follower, got ranks={ranks}")
         os.mkfifo(path + ".wake", 0o600)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.ftruncate(fd, _layout(num_pages)["end"][0])
-        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, num_pages, page_bytes, 0), 0)
+        os.ftruncate(fd, _layout(num_pages, ranks)["end"][0])
+        os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, num_pages, page_bytes, 0, ranks), 0)
         return cls(path, fd, owner=True)
 
     @classmethod
@@ -145,10 +168,10 @@ class PageTable:
             self.wake()
             return int(self.request[page])
 
-    def answer(self, page: int, request: int, state: int) -> None:
-        """The follower's answer to a page's request number: MAPPED or FAILED (state first, then the number)."""
-        self.state[page] = state
-        self.answered[page] = request
+    def answer(self, rank: int, page: int, request: int, state: int) -> None:
+        """Rank `rank`'s answer to a page's request number: MAPPED or FAILED (state first, then the number)."""
+        self.state[rank, page] = state
+        self.answered[rank, page] = request
 
     def wake(self) -> None:
         try:
@@ -165,7 +188,7 @@ class PageTable:
                 pass
 
     def close(self) -> None:
-        for name in ("request", "answered", "wanted", "state"):
+        for name, _, _ in _ARRAYS:
             setattr(self, name, None)  # release the numpy views before the mapping
         try:
             self._mm.close()
@@ -177,10 +200,19 @@ class PageTable:
 
 
 class TableVirtualMemory(VirtualMemory):
-    """The deciding side's VirtualMemory: map/unmap mark pages in the table; memory figures come from the device."""
+    """The deciding side's VirtualMemory: map/unmap mark pages in the table; memory figures come from the followers'
+    devices (one per rank, in rank order), per rank (see the Note on headroom)."""
 
-    def __init__(self, table: PageTable, device: str, granularity: int) -> None:
-        self.table, self.device, self.granularity = table, device, granularity
+    def __init__(self, table: PageTable, devices: Sequence[str], granularity: int) -> None:
+        if isinstance(devices, str) or len(devices) != table.ranks:
+            raise ValueError(f"the page table has {table.ranks} followers: give one device per rank, got {devices!r}")
+        self._devices = tuple(str(parse_device(device)) for device in devices)
+        self.table, self.device, self.granularity = table, self._devices[0], granularity
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The followers' devices, in rank order."""
+        return self._devices
 
     def reserve(self, size: int) -> int:
         return 0  # addresses are offsets into the worker's reservation
@@ -195,23 +227,32 @@ class TableVirtualMemory(VirtualMemory):
         self.table.set_wanted(self._page(address, size), False)
 
     def settle(self, timeout_s: float = ANSWER_TIMEOUT_S) -> list[int]:
-        """Wait until the worker has answered every wanted page; returns the pages it could not map (see the Note).
+        """Wait until every rank has answered for every wanted page; returns the pages some rank could not map (see
+        the Notes).
 
-        Raises DriverError when the worker answers nothing for `timeout_s` (it is stuck or dead)."""
+        Raises DriverError, naming the ranks, when answers are missing after `timeout_s` (a worker is stuck or dead)."""
         table, deadline = self.table, time.monotonic() + timeout_s
         while True:
             wanted = table.wanted.astype(bool)
-            if np.array_equal(table.answered[wanted], table.request[wanted]):
-                return np.flatnonzero(wanted & (table.state == FAILED)).tolist()
+            late = (table.answered[:, wanted] != table.request[wanted]).any(axis=1)
+            if not late.any():
+                return np.flatnonzero(wanted & (table.state == FAILED).any(axis=0)).tolist()
             if time.monotonic() > deadline:
-                raise DriverError(f"the worker did not map the KV pages the scheduler wants within {timeout_s:.0f} s")
+                ranks = ", ".join(map(str, np.flatnonzero(late).tolist()))
+                raise DriverError(f"the worker (rank {ranks}) did not map the KV pages the scheduler wants within "
+                                  f"{timeout_s:.0f} s")
             time.sleep(0.0001)
 
     def total_memory(self) -> int:
-        return device_memory(self.device)[1]
+        return self._per_rank(1)
 
     def free_memory(self) -> int:
-        return device_memory(self.device)[0]
+        return self._per_rank(0)
+
+    def _per_rank(self, which: int) -> int:
+        """device_memory's figure `which` (0 free, 1 total) for one rank: the tightest device's, divided among the
+        ranks on it (see the Note on headroom)."""
+        return min(device_memory(device)[which] // ranks for device, ranks in Counter(self._devices).items())
 
     def tensor(self, address: int, size: int) -> torch.Tensor:
         raise KVCachedError("the scheduler's side of a page table has no KV tensors: they live in the worker")
@@ -223,11 +264,14 @@ class TableVirtualMemory(VirtualMemory):
 
 
 class PageFollower:
-    """The mapping side: keeps [base, base + num_pages * page_bytes) of `vmm` mapped as the table says."""
+    """The mapping side of rank `rank`: keeps [base, base + num_pages * page_bytes) of `vmm` mapped as the table
+    says, and answers in the rank's row."""
 
     def __init__(self, table: PageTable, vmm: VirtualMemory, base: int, poll_s: float = POLL_S,
-                 on_error: Optional[Callable[[BaseException], None]] = None) -> None:
-        self.table, self._vmm, self._base = table, vmm, base
+                 on_error: Optional[Callable[[BaseException], None]] = None, rank: int = 0) -> None:
+        if not 0 <= rank < table.ranks:
+            raise ValueError(f"rank {rank} is not one of the page table's {table.ranks} followers")
+        self.table, self._vmm, self._base, self.rank = table, vmm, base, rank
         self.mapped = np.zeros(table.num_pages, dtype=np.uint8)
         self._failed = np.zeros(table.num_pages, dtype=np.uint32)  # request number whose map failed, per page
         self._map_lock = threading.Lock()  # one mapper at a time
@@ -282,12 +326,12 @@ class PageFollower:
                     if not exc.out_of_memory:
                         raise
                     self._failed[page] = request[page]
-                    table.answer(page, int(request[page]), FAILED)
+                    table.answer(self.rank, page, int(request[page]), FAILED)
                     continue
                 self.mapped[page] = 1
             held = (wanted & self.mapped).astype(bool)
-            for page in np.flatnonzero(held & (table.answered != request)).tolist():
-                table.answer(page, int(request[page]), MAPPED)
+            for page in np.flatnonzero(held & (table.answered[self.rank] != request)).tolist():
+                table.answer(self.rank, page, int(request[page]), MAPPED)
             return bool(np.array_equal(wanted.astype(bool) & (self._failed != request), self.mapped.astype(bool)))
 
     def mapped_bytes(self) -> int:

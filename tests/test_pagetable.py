@@ -8,7 +8,9 @@ import time
 import pytest
 
 from kvcached import KVCacheManager
-from kvcached.errors import KVCachedError
+from kvcached import pagetable
+from kvcached.errors import DriverError, KVCachedError
+from kvcached.hostmem import host_memory
 from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
@@ -48,7 +50,7 @@ def followed(tmp_path, device):
 def shared(followed, device):
     """A manager deciding through the page table, and the child mapping after it."""
     table, child = followed
-    vmm = TableVirtualMemory(table, device, open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
+    vmm = TableVirtualMemory(table, [device], open_vmm("cpu").granularity if device == "cpu" else 2 << 20)
     manager = KVCacheManager(SMALL, vmm, virtual_bytes=16 * PAGE, background=False, config=quiet_config())
     yield manager, child
     manager.shutdown()
@@ -102,7 +104,7 @@ def test_while_a_step_holds_a_released_page_the_page_wanted_in_its_place_waits(f
 @pytest.mark.parametrize("device", ["cpu"])  # the OS's out-of-memory error: RLIMIT_DATA bounds host mappings only
 def test_pages_the_worker_cannot_map_are_answered_failed_and_it_goes_on(followed):
     table, child = followed
-    vmm = TableVirtualMemory(table, "cpu", 4096)
+    vmm = TableVirtualMemory(table, ["cpu"], 4096)
     vmm.map(1 * PAGE, PAGE)
     assert vmm.settle() == [] and child.pages() == [1]
     assert child.ask("oom on") == "oom on"
@@ -125,6 +127,109 @@ def test_the_deciding_side_has_no_tensors(shared):
         manager.kv_tensors
 
 
+@pytest.fixture
+def two_ranks(tmp_path):
+    """A page table of 16 pages followed by two child processes, ranks 0 and 1, each mapping real host memory."""
+    path = f"/dev/shm/kvcached-test-pages.{os.getpid()}.{tmp_path.name}"
+    table = PageTable.create(path, 16, PAGE, ranks=2)
+    try:
+        children = [Child(path, "cpu", rank) for rank in (0, 1)]
+        for child in children:
+            child.base_held, child.slack = 0, 0
+    finally:
+        table.unlink()
+    yield table, TableVirtualMemory(table, ["cpu", "cpu"], 4096), children
+    for child in children:
+        child.close()
+    table.close()
+
+
+def test_every_rank_maps_the_wanted_pages_and_unmaps_to_the_same_floor(two_ranks):
+    table, vmm, children = two_ranks
+    for page in (0, 1, 2):
+        vmm.map(page * PAGE, PAGE)
+    assert vmm.settle() == []  # every rank answered: each holds its shard of the 3 pages
+    assert [child.pages() for child in children] == [[0, 1, 2]] * 2
+    for child in children:
+        settle(child, 3 * PAGE, timeout=0)
+    vmm.unmap(1 * PAGE, PAGE)
+    vmm.unmap(2 * PAGE, PAGE)
+    for child in children:
+        settle(child, PAGE)
+    assert [child.pages() for child in children] == [[0], [0]]
+
+
+def test_a_page_released_while_rank_1_runs_a_step_stays_on_rank_1_until_its_step_ends(two_ranks):
+    table, vmm, (rank0, rank1) = two_ranks
+    vmm.map(0, PAGE)
+    vmm.map(PAGE, PAGE)
+    assert vmm.settle() == []
+    assert rank1.ask("hold") == "held"  # rank 1 is still inside step N; rank 0 has finished it
+    vmm.unmap(PAGE, PAGE)
+    settle(rank0, PAGE)
+    assert rank0.pages() == [0]
+    time.sleep(0.2)
+    assert rank1.pages() == [0, 1]  # the running step may still read page 1 on rank 1
+    assert rank1.ask("release") == "released"
+    settle(rank1, PAGE)
+    assert rank1.pages() == [0]
+
+
+def test_a_page_that_one_rank_cannot_map_is_failed_for_all(two_ranks):
+    table, vmm, (rank0, rank1) = two_ranks
+    vmm.map(0, PAGE)
+    assert vmm.settle() == []
+    assert rank1.ask("oom on") == "oom on"
+    vmm.map(PAGE, PAGE)
+    assert vmm.settle() == [1]  # rank 0 mapped it, rank 1 could not: not promised
+    assert rank0.pages() == [0, 1] and rank1.pages() == [0]
+    vmm.unmap(PAGE, PAGE)  # the pool gives it back, as after any failed page
+    settle(rank0, PAGE)
+    assert rank1.ask("oom off") == "oom off"
+    vmm.map(PAGE, PAGE)
+    assert vmm.settle() == [] and rank0.pages() == rank1.pages() == [0, 1]
+
+
+def test_a_rank_that_answers_nothing_is_named(tmp_path):
+    path = str(tmp_path / "pages")
+    table = PageTable.create(path, 4, PAGE, ranks=2)
+    try:
+        vmm = TableVirtualMemory(table, ["cpu", "cpu"], 4096)
+        vmm.map(0, PAGE)
+        table.answer(0, 0, 1, 1)  # rank 0 answers (MAPPED); rank 1 never does
+        with pytest.raises(DriverError, match=r"^the worker \(rank 1\) did not map the KV pages the scheduler wants "
+                                              r"within 0 s$"):
+            vmm.settle(timeout_s=0.05)
+    finally:
+        table.close()
+
+
+def test_headroom_over_devices_is_the_tightest_device_per_rank_on_it(tmp_path, monkeypatch):
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE, ranks=3)
+    try:
+        figures = {"cuda:0": (9 << 30, 80 << 30), "cuda:1": (10 << 30, 70 << 30)}  # (free, total)
+        monkeypatch.setattr(pagetable, "device_memory", figures.__getitem__)
+        vmm = TableVirtualMemory(table, ["cuda:0", "cuda:1", "cuda:1"], 2 << 20)
+        assert vmm.devices == ("cuda:0", "cuda:1", "cuda:1") and vmm.device == "cuda:0"
+        assert vmm.free_memory() == 5 << 30  # cuda:1's 10 GiB for two ranks
+        assert vmm.total_memory() == 35 << 30
+    finally:
+        table.close()
+
+
+def test_two_ranks_on_the_host_each_get_half_of_its_memory(tmp_path):
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE, ranks=2)
+    try:
+        vmm = TableVirtualMemory(table, ["cpu", "cpu"], 4096)
+        assert vmm.devices == ("cpu", "cpu")
+        assert vmm.total_memory() == host_memory()[1] // 2
+        with pytest.raises(ValueError, match=r"^the page table has 2 followers: give one device per rank, got "
+                                             r"\['cpu'\]$"):
+            TableVirtualMemory(table, ["cpu"], 4096)
+    finally:
+        table.close()
+
+
 @pytest.mark.gpu
 def test_gpu_memory_figures_come_from_nvml_without_a_context():
     import torch
@@ -142,7 +247,7 @@ def test_a_file_that_is_not_a_page_table_is_refused(tmp_path):
     for content in (b"", b"x" * 8192):
         path = tmp_path / f"not-a-table-{len(content)}"
         path.write_bytes(content)
-        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 3\\)$"):
+        with pytest.raises(KVCachedError, match=f"^{path} is not a kvcached page table \\(version 4\\)$"):
             PageTable.attach(str(path))
 
 

@@ -76,9 +76,13 @@ def kv_range(server: Server) -> tuple[int, int]:
 
 def kv_resident_bytes(server: Server) -> int:
     """Resident bytes inside the worker's KV reservation, from smaps (exact, but slow to read: tens of ms)."""
-    base, end = kv_range(server)
+    return resident_bytes(worker_pid(server), *kv_range(server))
+
+
+def resident_bytes(pid: int, base: int, end: int) -> int:
+    """Resident bytes of process `pid` in [base, end), from its smaps."""
     total, inside = 0, False
-    with open(f"/proc/{worker_pid(server)}/smaps") as f:
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
             if head:
@@ -121,19 +125,23 @@ _RW_MAPPING = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) rw", re.M)
 
 
 def held_pages(server: Server):
-    """A reader of the KV pages the worker holds, fast enough to run back to back.
+    """A reader of the KV pages the worker holds, fast enough to run back to back (see page_reader)."""
+    return page_reader(worker_pid(server), *kv_range(server), PAGE)
+
+
+def page_reader(pid: int, base: int, end: int, page: int):
+    """A reader of the pages of `page` bytes that process `pid` holds in its KV reservation [base, end).
 
     The host backend populates a page when it maps it and frees it when it unmaps it, so the pages mapped writable in
     the worker's KV reservation are its resident KV memory. The kernel's PROCMAP_QUERY answers that in tens of
     microseconds, one mapping per call, asking only about the reservation; where it is missing (Linux before 6.11),
     /proc/<pid>/maps is read whole (milliseconds). smaps, which walks page tables, takes tens of ms."""
-    base, end = kv_range(server)
-    path = f"/proc/{worker_pid(server)}/maps"
+    path = f"/proc/{pid}/maps"
     fd = os.open(path, os.O_RDONLY)
 
     def pages(ranges) -> frozenset[int]:
         return frozenset(p for start, stop in ranges if base <= start < end
-                         for p in range((start - base) // PAGE, (min(stop, end) - base) // PAGE))
+                         for p in range((start - base) // page, (min(stop, end) - base) // page))
 
     def query() -> frozenset[int]:
         ranges, address = [], base
@@ -169,12 +177,13 @@ def peak_pages(readings: list[frozenset[int]]) -> int:
     return max(len(a & b) for a, b in zip(readings, readings[1:]))
 
 
-def run_offline(env: dict) -> subprocess.CompletedProcess:
-    """tests/vllm_offline.py in its own session; the whole group is killed afterwards, stragglers included."""
+def run_offline(env: dict, *args: str, model: str = MODEL) -> subprocess.CompletedProcess:
+    """tests/vllm_offline.py (with `args`) in its own session; the whole group is killed afterwards, stragglers
+    included."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHED") and k != "ENABLE_KVCACHED"}
     clean.update(env)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_offline.py"), MODEL], env=clean, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_offline.py"), model, *args], env=clean,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=600)
     finally:

@@ -9,8 +9,11 @@ host memory (the worker's side, here in-process); block ids are exact: 2 layers,
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +21,8 @@ pytest.importorskip("vllm")
 
 from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id  # noqa: E402
 
+from kvcached import Config  # noqa: E402
+from kvcached.errors import KVCachedError  # noqa: E402
 from kvcached.integrations.vllm import plan as planning  # noqa: E402
 from kvcached.integrations.vllm.block_pool import ElasticBlockPool  # noqa: E402
 from kvcached.pagetable import PageFollower, PageTable  # noqa: E402
@@ -40,7 +45,7 @@ def make_pool(tmp_path, monkeypatch, follow):
     monkeypatch.setenv("KVCACHED_MAX_RESERVED_PAGES", "0")
     monkeypatch.setenv("KVCACHED_MAX_CACHED_TOKENS", str(16 * 16))  # no bound in play: 16 blocks of 16 tokens
     plan = planning.ElasticPlan(
-        device="cpu", num_layers=2, block_bytes=4096, block_size=16, piece_page_bytes=4 * 4096, granularity=4096,
+        devices=("cpu",), num_layers=2, block_bytes=4096, block_size=16, piece_page_bytes=4 * 4096, granularity=4096,
         virtual_bytes=8 * PAGE, table_path=str(tmp_path / "pages"), ipc_name="pool-test",
     )
     table = PageTable.create(plan.table_path, plan.layout().num_pages, PAGE)
@@ -158,3 +163,100 @@ def test_stale_page_tables_are_removed_by_pid_and_start_time(tmp_path):
 def test_the_page_table_lives_in_the_configured_directory(tmp_path):
     path = planning.page_table_path(str(tmp_path), "llama")
     assert path == str(tmp_path / f"kvcached-pages.llama.{os.getpid()}.{start_ticks(os.getpid())}")
+
+
+def engine_config(tp: int = 1, **parallel) -> SimpleNamespace:
+    """The parts of a VllmConfig the plan reads."""
+    sizes = dict(tensor_parallel_size=tp, pipeline_parallel_size=1, prefill_context_parallel_size=1,
+                 decode_context_parallel_size=1, data_parallel_size=1, nnodes=1, distributed_executor_backend="mp")
+    return SimpleNamespace(parallel_config=SimpleNamespace(**{**sizes, **parallel}),
+                           device_config=SimpleNamespace(device_type="cpu"),
+                           model_config=SimpleNamespace(served_model_name="m", model="m"))
+
+
+def kv_specs(num_kv_heads: int = 2, layers: int = 30) -> dict:
+    """One rank's KV cache specs as vLLM gives them: SmolLM2's 30 layers, blocks of 128 tokens x heads x 64 in bf16."""
+    return {f"layer.{i}": SimpleNamespace(page_size_bytes=2 * 128 * num_kv_heads * 64 * 2, block_size=128)
+            for i in range(layers)}
+
+
+def test_tensor_parallel_2_is_one_plan_for_both_ranks_on_their_devices(tmp_path):
+    config = Config(ipc_name="tp-plan", ipc_dir=str(tmp_path))
+    plan = planning.make_plan(engine_config(tp=2), [kv_specs(), kv_specs()], config)
+    assert plan.devices == ("cpu", "cpu") and plan.world_size == 2
+    assert plan.block_bytes == 65536 and plan.layout().blocks_per_page == 4
+    assert plan.layout().page_bytes == 7864320  # one rank's shard of a page: 30 layers x 4 blocks x 64 KiB
+    assert planning.plan_of(SimpleNamespace(kvcached_plan=asdict(plan))) == plan  # as the worker reads it back
+
+
+def test_ranks_with_different_kv_specs_are_refused(tmp_path):
+    config = Config(ipc_name="tp-plan", ipc_dir=str(tmp_path))
+    with pytest.raises(KVCachedError, match="^kvcached needs one equal KV cache spec per tensor-parallel rank; got 2 "
+                                            "for 2 ranks$"):
+        planning.make_plan(engine_config(tp=2), [kv_specs(), kv_specs(num_kv_heads=1)], config)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("pipeline_parallel_size", 2), ("decode_context_parallel_size", 2), ("prefill_context_parallel_size", 2),
+    ("data_parallel_size", 2), ("nnodes", 2),
+])
+def test_parallel_setups_other_than_tensor_parallel_are_refused_naming_the_setting(setting, value):
+    with pytest.raises(KVCachedError, match=f"^kvcached supports tensor parallel on one host \\(vLLM's own worker "
+                                            f"processes\\); pipeline, context and data parallel size and nnodes "
+                                            f"must be 1, got {setting}={value}; unset ENABLE_KVCACHED to run this "
+                                            f"engine without kvcached$"):
+        planning.check_parallel(engine_config(tp=2, **{setting: value}))
+
+
+def test_tensor_parallel_over_ray_is_refused_and_any_tensor_parallel_size_is_accepted():
+    with pytest.raises(KVCachedError, match="got distributed_executor_backend='ray'; unset ENABLE_KVCACHED"):
+        planning.check_parallel(engine_config(tp=2, distributed_executor_backend="ray"))
+    for tp in (1, 2, 8):
+        planning.check_parallel(engine_config(tp=tp))
+    assert planning.devices_of(engine_config(tp=4)) == ("cpu",) * 4
+
+
+class _FailingFollower:
+    def before_step(self) -> None:
+        raise RuntimeError("cuMemMap failed")
+
+
+def test_rank_0_that_cannot_map_before_a_step_raises_to_the_engine(monkeypatch):
+    from kvcached.integrations.vllm import worker
+
+    monkeypatch.setattr(worker, "_worker_kv", SimpleNamespace(rank=0, follower=_FailingFollower()))
+    with pytest.raises(RuntimeError, match="^cuMemMap failed$"):
+        worker.run_step(lambda runner: pytest.fail("the step ran"), None)
+
+
+def test_a_rank_above_0_that_cannot_map_before_a_step_ends_its_worker_process():
+    # vLLM drops errors of ranks >= 1; rank 0 would wait for this one in the step's all-reduce (worker.py's Note).
+    code = (
+        "import logging, sys\n"
+        "from types import SimpleNamespace\n"
+        "from kvcached.integrations.vllm import worker\n"
+        "def fail():\n"
+        "    raise RuntimeError('cuMemMap failed')\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "worker._worker_kv = SimpleNamespace(rank=1, follower=SimpleNamespace(before_step=fail))\n"
+        "worker.run_step(lambda runner: print('STEP RAN'), None)\n"
+        "print('RETURNED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stdout == ""  # neither the step nor anything after it ran
+    assert re.search(r"kvcached: rank 1 \(pid \d+\) could not map its KV pages before a step; ending this worker",
+                     done.stderr)
+    assert "RuntimeError: cuMemMap failed" in done.stderr
+
+
+def test_each_rank_gets_the_gpu_vllm_gives_its_local_rank(monkeypatch):
+    import vllm.platforms
+
+    # vLLM's platform maps a local rank to a visible GPU (after CUDA_VISIBLE_DEVICES, assigned GPU ids); the plan asks it
+    visible = {0: 2, 1: 1}
+    monkeypatch.setattr(vllm.platforms, "current_platform",
+                        SimpleNamespace(logical_device_id_to_visible_device_id=visible.__getitem__), raising=False)
+    config = engine_config(tp=2)
+    config.device_config.device_type = "cuda"
+    assert planning.devices_of(config) == ("cuda:2", "cuda:1")

@@ -166,10 +166,11 @@ def wait_for_memory(gpu: Gpu, baseline: int, timeout_s: float = 120) -> None:
 class Server:
     """A vLLM OpenAI server (registered as `name` when kvcached is on); start() serves other engines' servers too."""
 
-    def __init__(self, name: str, model_dir: str, port: int, kvcached: bool, **extra_env: str) -> None:
+    def __init__(self, name: str, model_dir: str, port: int, kvcached: bool, args: tuple[str, ...] = (),
+                 **extra_env: str) -> None:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                 "--served-model-name", name, "--max-model-len", "4096", "--seed", "0", "--generation-config", "vllm",
-                "--disable-uvicorn-access-log"]
+                "--disable-uvicorn-access-log", *args]
         self.start(name, port, argv, env(kvcached, name, KVCACHED_IPC_NAME=name, **extra_env))
 
     def start(self, name: str, port: int, argv: list[str], environ: dict[str, str]) -> None:

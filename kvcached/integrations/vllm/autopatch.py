@@ -1,7 +1,10 @@
 """Every patch kvcached applies to vLLM, registered as post-import hooks by the start-up hook.
 
 Note: each patch replaces one function or class that vLLM looks up by name at call time, in the process where it runs:
-  engine core  vllm.v1.engine.core.get_kv_cache_configs    plan the elastic layout, create the page table
+  engine core  vllm.v1.engine.core.EngineCore.__init__     refuse parallel setups kvcached cannot serve, before
+                                                            any worker starts (plan.check_parallel)
+               vllm.v1.engine.core.get_kv_cache_configs    plan the elastic layout, create the page table (one
+                                                            for all tensor-parallel ranks)
                vllm.v1.core.kv_cache_coordinator.BlockPool  the elastic block pool
                KVCacheCoordinator.get_num_blocks_to_allocate  tells the pool what vLLM is about to ask for
                vllm.v1.core.sched.scheduler.Scheduler       __init__: blocks come back only after the last step that may
@@ -10,13 +13,15 @@ Note: each patch replaces one function or class that vLLM looks up by name at ca
   worker       the KV allocation (versions.py: vllm.v1.worker.gpu_model_runner.allocate_kv_cache or
                GPUModelRunner._allocate_kv_cache_tensors)   KV tensors over the reservation
                GPUModelRunner.initialize_kv_cache_tensors   check the views: blocks first, one block contiguous
-               GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step
+               GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step (each
+                                                            rank on its own device; a rank >= 1 that cannot ends its
+                                                            process, so the engine stops instead of hanging)
                CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
                vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
 vLLM's GPU defaults work unchanged: CUDA graphs (the KV tensors' addresses never change), async scheduling (the
 deferred frees above), and the V1 model runner is chosen (VLLM_USE_V2_MODEL_RUNNER=0, said once in the log). A vLLM
-version without a row in versions.py, the V2 model runner, or several workers per engine stop the engine at start-up
-with a message saying so: kvcached never lets vLLM run its static pool while enabled.
+version without a row in versions.py, the V2 model runner, or pipeline, context or data parallel stop the engine at
+start-up with a message saying so: kvcached never lets vLLM run its static pool while enabled.
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ def _patch_engine_core(module: ModuleType) -> None:
     from ...config import Config
     from ...pagetable import PageTable
 
-    original = module.get_kv_cache_configs
+    original, engine_init = module.get_kv_cache_configs, module.EngineCore.__init__
+
+    @functools.wraps(engine_init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        planning.check_parallel(vllm_config)
+        engine_init(self, vllm_config, *args, **kwargs)
 
     @functools.wraps(original)
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
@@ -66,7 +76,7 @@ def _patch_engine_core(module: ModuleType) -> None:
         plan = planning.make_plan(vllm_config, kv_cache_specs, config)
         layout = plan.layout()
         planning.remove_stale_tables(config.ipc_dir)
-        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes)
+        table = PageTable.create(plan.table_path, layout.num_pages, layout.page_bytes, ranks=plan.world_size)
         planning.keep_table(table)
         table.set_wanted(0, True)  # the null block's page: mapped before the first step can point at it
         configs = original(vllm_config, kv_cache_specs, [planning.usable_bytes(plan)] * len(available_memory))
@@ -77,6 +87,7 @@ def _patch_engine_core(module: ModuleType) -> None:
         return configs
 
     module.get_kv_cache_configs = get_kv_cache_configs
+    module.EngineCore.__init__ = __init__
 
 
 def _patch_coordinator(module: ModuleType) -> None:

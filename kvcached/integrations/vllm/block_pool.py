@@ -70,7 +70,7 @@ class ElasticBlockPool(BlockPool):
         self.num_gpu_blocks = num_gpu_blocks
         config = Config.from_env()
         self.table = take_table()
-        self.vmm = TableVirtualMemory(self.table, plan.device, plan.granularity)
+        self.vmm = TableVirtualMemory(self.table, plan.devices, plan.granularity)
         self.kv = open_cache(plan.geometry(), self.vmm, virtual_bytes=plan.virtual_bytes, config=config,
                              name=plan.ipc_name)
         assert self.kv.null_block == self.null_block.block_id == 0
@@ -89,8 +89,9 @@ class ElasticBlockPool(BlockPool):
         logger.info(
             "kvcached is active: elastic KV cache on %s, %s of address space in pages of %s (%d blocks of %d tokens), "
             "limit %s, registry name %s (see `kvctl list`)",
-            plan.device, format_size(layout.num_pages * layout.page_bytes), format_size(layout.page_bytes),
-            layout.blocks_per_page, plan.block_size, format_size(stats.limit_bytes), self.kv.ipc_name,
+            _devices_text(plan.devices), format_size(layout.num_pages * layout.page_bytes),
+            format_size(layout.page_bytes), layout.blocks_per_page, plan.block_size, format_size(stats.limit_bytes),
+            self.kv.ipc_name,
         )
 
     # ---- what vLLM asks ----------------------------------------------------------------------------------------
@@ -286,6 +287,13 @@ class ElasticBlockPool(BlockPool):
             taken = {block.block_id for block in chosen}
             chosen += [b for b in self._cached.values() if b.block_id not in taken][: count - len(chosen)]
         return chosen
+
+
+def _devices_text(devices: tuple[str, ...]) -> str:
+    """"cpu", or "cuda:0,cuda:1 (tensor parallel 2; sizes and the limit are per device)"."""
+    if len(devices) == 1:
+        return devices[0]
+    return f"{','.join(devices)} (tensor parallel {len(devices)}; sizes and the limit are per device)"
 
 
 class _Step:

@@ -10,6 +10,13 @@ two forms (versions.py):
 Either way vLLM's own view code builds the per-layer tensors for whichever attention backend it chose. The engine core
 makes the plan before the worker allocates and before the scheduler exists; the plan travels to the worker inside the
 KVCacheConfig, and stays in this process for the block pool.
+
+Note [tensor parallel]: every rank has the same KV cache spec for its shard of the heads, so one plan serves them all:
+the block pool and its limits count one rank's bytes, and each rank maps its own shard of every page on its own device
+(pagetable.py). `devices` predicts each rank's device with vLLM's own formula (Worker.init_device; the worker checks
+it). Refused, before any worker starts (`check_parallel`): pipeline and context parallel (ranks that hold different
+layers or tokens would need their own tables), data parallel (several engine cores, each would need its own registry
+name and plan; untested), and several nodes or Ray/external launchers (all ranks must share this host's /dev/shm).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ _tables: list = []  # page tables this engine core created: removed at exit
 
 @dataclass(frozen=True)
 class ElasticPlan:
-    device: str
+    devices: tuple[str, ...]  # one per tensor-parallel rank, in rank order
     num_layers: int
     block_bytes: int  # one layer's page of one block (vLLM's page_size_bytes)
     block_size: int  # tokens per block
@@ -47,6 +54,13 @@ class ElasticPlan:
     virtual_bytes: int
     table_path: str
     ipc_name: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))  # a list after travelling through asdict
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
 
     def layout(self) -> KVLayout:
         return KVLayout(self.geometry(), self.piece_page_bytes, self.granularity, self.virtual_bytes)
@@ -72,41 +86,71 @@ def plan_of(kv_cache_config: Any) -> ElasticPlan:
     return ElasticPlan(**fields)
 
 
-def device_of(vllm_config: Any) -> str:
-    """"cpu", or "cuda:0": with tensor_parallel_size 1 the worker's GPU is its local device 0."""
+def check_parallel(vllm_config: Any) -> None:
+    """Refuse parallel setups kvcached cannot serve (see the Note); tensor parallel of any size is fine."""
+    parallel = vllm_config.parallel_config
+    sizes = {name: getattr(parallel, name, 1) for name in (
+        "pipeline_parallel_size", "prefill_context_parallel_size", "decode_context_parallel_size",
+        "data_parallel_size", "nnodes")}
+    refused = [f"{name}={size}" for name, size in sizes.items() if size != 1]
+    backend = parallel.distributed_executor_backend
+    if parallel.tensor_parallel_size > 1 and backend in ("ray", "external_launcher"):
+        refused.append(f"distributed_executor_backend={backend!r}")
+    if refused:
+        raise KVCachedError(
+            f"kvcached supports tensor parallel on one host (vLLM's own worker processes); pipeline, context and data "
+            f"parallel size and nnodes must be 1, got {', '.join(refused)}; unset ENABLE_KVCACHED to run this engine "
+            f"without kvcached")
+
+
+def devices_of(vllm_config: Any) -> tuple[str, ...]:
+    """Each tensor-parallel rank's device, in rank order: "cpu" for all, or rank r's GPU as Worker.init_device picks
+    it (its local rank is r: pipeline and data parallel are refused), after CUDA_VISIBLE_DEVICES."""
     kind = str(vllm_config.device_config.device_type)
+    tp = vllm_config.parallel_config.tensor_parallel_size
     try:
-        return str(parse_device(kind))
+        if not parse_device(kind).is_cuda:
+            return ("cpu",) * tp
     except ValueError:
         raise KVCachedError(f"kvcached supports vLLM on 'cpu' and 'cuda' devices, not {kind!r}") from None
+    from vllm.platforms import current_platform
+
+    return tuple(f"cuda:{current_platform.logical_device_id_to_visible_device_id(rank)}" for rank in range(tp))
+
+
+def common_granularity(devices: tuple[str, ...]) -> int:
+    """The mapping granularity, the same on every device (one layout serves all ranks), else refused."""
+    found = {device: granularity_of(device) for device in dict.fromkeys(devices)}
+    if len(set(found.values())) != 1:
+        raise KVCachedError(f"kvcached needs the same mapping granularity on every tensor-parallel device, got "
+                            f"{found}; unset ENABLE_KVCACHED to run this engine without kvcached")
+    return found[devices[0]]
 
 
 def make_plan(vllm_config: Any, kv_cache_specs: list[dict], config: Config) -> ElasticPlan:
     """Decide the layout for the model's KV cache specs; refuse setups kvcached cannot serve, saying why."""
-    parallel = vllm_config.parallel_config
-    if parallel.world_size != 1 or len(kv_cache_specs) != 1:
-        raise KVCachedError(
-            f"kvcached supports one worker per engine (tensor and pipeline parallel size 1), got world size "
-            f"{parallel.world_size}; unset ENABLE_KVCACHED to run this engine without kvcached"
-        )
+    check_parallel(vllm_config)
+    devices = devices_of(vllm_config)
+    if len(kv_cache_specs) != len(devices) or any(specs != kv_cache_specs[0] for specs in kv_cache_specs):
+        raise KVCachedError(f"kvcached needs one equal KV cache spec per tensor-parallel rank; got "
+                            f"{len(kv_cache_specs)} for {len(devices)} ranks")
     specs = kv_cache_specs[0]
     page_sizes = {spec.page_size_bytes for spec in specs.values()}
     block_sizes = {spec.block_size for spec in specs.values()}
     if len(page_sizes) != 1 or len(block_sizes) != 1:
         raise KVCachedError(f"kvcached needs one KV page size for all layers; this model has {sorted(page_sizes)} bytes")
-    device = device_of(vllm_config)
-    granularity = granularity_of(device)
+    granularity = common_granularity(devices)
     block_bytes = page_sizes.pop()
-    piece = piece_page_bytes(config.page_size_bytes, device, block_bytes, granularity)
+    piece = piece_page_bytes(config.page_size_bytes, devices[0], block_bytes, granularity)
     name = config.ipc_name or default_ipc_name(vllm_config)
     plan = ElasticPlan(
-        device=device,
+        devices=devices,
         num_layers=len(specs),
         block_bytes=block_bytes,
         block_size=block_sizes.pop(),
         piece_page_bytes=piece,
         granularity=granularity,
-        virtual_bytes=config.virtual_size or device_memory(device)[1],
+        virtual_bytes=config.virtual_size or min(device_memory(device)[1] for device in set(devices)),
         table_path=page_table_path(config.ipc_dir, name),
         ipc_name=name,
     )

@@ -4,7 +4,10 @@ Note: vLLM allocates zero-filled KV memory (versions.py: one buffer for all laye
 a reservation of address space (nothing mapped), cut the way the plan put in the config (plan.py), and vLLM's own view
 code shapes it for whichever attention backend it chose. A PageFollower maps and unmaps pages as the engine core's
 page table says; the model runner's step maps whatever is still missing before it runs, and no page is unmapped while
-a step runs. The reservation is made once: if vLLM initialises its KV cache again with the same plan, the same
+a step runs. With tensor parallelism every rank does this for its own shard, on its own device, after the one table.
+A rank >= 1 that cannot map before a step ends its process: vLLM reports errors of rank 0 only, and the other ranks
+would wait for it in the step's first all-reduce until vLLM's execute timeout (minutes); a dead worker stops the
+engine at once. The reservation is made once: if vLLM initialises its KV cache again with the same plan, the same
 addresses come back (CUDA graphs captured over them stay valid). vLLM's sizing is skipped: the worker reports a token
 amount of KV memory (the engine core's plan decides the real capacity), which keeps vLLM's checks against free memory
 from refusing a large reservation.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Optional
 
 import torch
@@ -29,19 +33,32 @@ logger = logging.getLogger("vllm.kvcached")
 PLACEHOLDER_KV_BYTES = 64 << 20
 
 
-class WorkerKV:
-    """What one worker process holds: the reservation (and an int8 tensor over it), the page table, the follower."""
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
 
-    def __init__(self, plan: ElasticPlan, device: torch.device) -> None:
-        self.plan, self.size = plan, plan.layout().reserved_bytes
-        self.vmm: VirtualMemory = open_vmm(str(parse_device(torch.device(device))))
+    return get_tensor_model_parallel_rank()
+
+
+class WorkerKV:
+    """What one worker process (tensor-parallel rank `rank`) holds: the reservation (and an int8 tensor over it), the
+    page table, the follower."""
+
+    def __init__(self, plan: ElasticPlan, device: torch.device, rank: int) -> None:
+        name = str(parse_device(torch.device(device)))
+        planned = plan.devices[rank] if rank < plan.world_size else "no device"
+        if name != planned:
+            raise KVCachedError(
+                f"kvcached planned tensor-parallel rank {rank} on {planned} (ranks on {', '.join(plan.devices)}), but "
+                f"this worker runs on {name}; unset ENABLE_KVCACHED to run this engine without kvcached")
+        self.plan, self.rank, self.size = plan, rank, plan.layout().reserved_bytes
+        self.vmm: VirtualMemory = open_vmm(name)
         self.base = self.vmm.reserve(self.size)
         self.table = PageTable.attach(plan.table_path)
-        self.follower = PageFollower(self.table, self.vmm, self.base,
-                                     on_error=lambda exc: logger.error("kvcached follower: %s", exc))
+        self.follower = PageFollower(self.table, self.vmm, self.base, rank=rank,
+                                     on_error=lambda exc: logger.error("kvcached follower (rank %d): %s", rank, exc))
         self.raw = self.vmm.tensor(self.base, self.size).view(torch.int8)
-        logger.info("kvcached: %d layers of KV over a reservation of %d bytes at %#x on %s; pages are mapped on demand",
-                    plan.num_layers, self.size, self.base, self.vmm.device)
+        logger.info("kvcached: rank %d (pid %d): %d layers of KV over a reservation of %d bytes at %#x on %s; pages "
+                    "are mapped on demand", rank, os.getpid(), plan.num_layers, self.size, self.base, self.vmm.device)
 
     def close(self) -> None:
         self.follower.close()
@@ -60,7 +77,7 @@ def reservation(kv_cache_config: Any, device: torch.device) -> WorkerKV:
         return _worker_kv
     if _worker_kv is not None:  # another plan: a fresh reservation
         _worker_kv.close()
-    _worker_kv = WorkerKV(plan, device)
+    _worker_kv = WorkerKV(plan, device, tensor_parallel_rank())
     return _worker_kv
 
 
@@ -116,7 +133,15 @@ def run_step(execute_model, self, *args, **kwargs):
     kv = _worker_kv
     if kv is None:
         return execute_model(self, *args, **kwargs)
-    kv.follower.before_step()
+    try:
+        kv.follower.before_step()
+    except Exception:
+        if kv.rank == 0:
+            raise  # rank 0's errors reach the engine core
+        logger.exception("kvcached: rank %d (pid %d) could not map its KV pages before a step; ending this worker so "
+                         "that the engine stops instead of waiting for it", kv.rank, os.getpid())
+        logging.shutdown()
+        os._exit(1)
     try:
         return execute_model(self, *args, **kwargs)
     finally:
