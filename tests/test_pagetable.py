@@ -111,6 +111,7 @@ def test_pages_the_worker_cannot_map_are_answered_failed_and_it_goes_on(followed
     vmm.map(2 * PAGE, PAGE)
     vmm.map(3 * PAGE, PAGE)
     assert vmm.settle() == [2, 3]  # answered: the scheduler's side never waits for, nor promises, these
+    assert vmm.settle() == [2, 3]  # asked again with nothing new: still failed (a failure is never taken as settled)
     assert child.pages() == [1]
     vmm.unmap(2 * PAGE, PAGE)
     vmm.unmap(3 * PAGE, PAGE)
@@ -125,6 +126,45 @@ def test_the_deciding_side_has_no_tensors(shared):
     with pytest.raises(KVCachedError, match="^the scheduler's side of a page table has no KV tensors: they live in "
                                             "the worker$"):
         manager.kv_tensors
+
+
+def test_a_page_marked_after_a_settle_is_waited_for_not_answered_from_the_last_settle(tmp_path):
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE)
+    try:
+        vmm = TableVirtualMemory(table, ["cpu"], 4096)
+        vmm.map(0, PAGE)
+        table.answer(0, 0, 1, pagetable.MAPPED)
+        assert vmm.settle(timeout_s=0.05) == []
+        assert vmm.settle(timeout_s=0.05) == []  # nothing new: answered at once
+        vmm.map(PAGE, PAGE)  # page 1, never answered: settle must wait for it, then give up loudly
+        with pytest.raises(DriverError, match="did not map the KV pages the scheduler wants"):
+            vmm.settle(timeout_s=0.05)
+    finally:
+        table.close()
+
+
+def test_a_step_follows_every_change_even_after_steps_with_nothing_new(tmp_path):
+    """before_step() skips its pass when nothing changed since the last complete one, and only then: with the
+    follower thread stopped, every mapping below is made by a step's own pass."""
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE)
+    vmm = open_vmm("cpu")
+    base = vmm.reserve(4 * PAGE)
+    follower = pagetable.PageFollower(table, vmm, base)
+    follower._stop.set()  # noqa: SLF001 - no background pass may hide a step that skipped its own
+    table.wake()
+    follower._thread.join()  # noqa: SLF001
+    try:
+        for wanted in ([1], [1], [1], [2], [2], [0, 3], []):
+            for page in range(4):
+                if table.wanted[page] != (page in wanted):
+                    table.set_wanted(page, page in wanted)
+            follower.before_step()
+            assert follower.mapped.nonzero()[0].tolist() == wanted
+            follower.after_step()
+    finally:
+        follower.close()
+        vmm.unreserve(base, 4 * PAGE)
+        table.close()
 
 
 @pytest.fixture
