@@ -304,8 +304,11 @@ def test_random_junk_in_the_shell_never_corrupts_a_segment(fakes, engines, tmp_p
 
 def _pty_session(tmp_path):
     master, slave = pty.openpty()
+    # Ctrl-C as at a terminal: a test run started in the background (CI's runner, `cmd &`) hands its children
+    # SIGINT ignored, and the shell would then never see one (CI failed so)
     proc = subprocess.Popen([sys.executable, "-m", "kvcached.cli.kvctl"], stdin=slave, stdout=slave, stderr=slave,
-                            env=env(HOME=str(tmp_path), TERM="xterm"), cwd=REPO, close_fds=True)
+                            env=env(HOME=str(tmp_path), TERM="xterm"), cwd=REPO, close_fds=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     seen = bytearray()
 
