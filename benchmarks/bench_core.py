@@ -111,10 +111,10 @@ def page_table_step(num_pages: int, calls: int) -> dict:
     from kvcached.pagetable import PageFollower, PageTable, TableVirtualMemory
     from kvcached.vmm import open_vmm
 
-    page = open_vmm("cpu").granularity
+    host = open_vmm("cpu")
+    page = host.granularity
     with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
         table = PageTable.create(os.path.join(folder, "pages"), num_pages, page)
-        host = open_vmm("cpu")
         base = host.reserve(num_pages * page)
         follower, decider = PageFollower(table, host, base), TableVirtualMemory(table, ["cpu"], page)
         decider.map(0, page)
