@@ -326,8 +326,7 @@ def kv_mapped(name: str) -> int:
     """An instance's KV bytes mapped on the GPU, as its registry record says (what `kvctl list` shows)."""
     from kvcached import registry
 
-    record = registry.read_instance(name)
-    return record.used_bytes + record.premapped_bytes
+    return registry.read_instance(name).mapped_bytes
 
 
 def kvctl(*args: str) -> dict:
