@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -109,6 +109,20 @@ class KVLayout:
 
     def is_valid(self, block_id: int) -> bool:
         return 0 <= block_id < self.num_block_ids and block_id % self.ids_per_page < self.blocks_per_page
+
+    def pages_under(self, block_ids: Iterable[int]) -> range:
+        """The pages under every piece of these ids, handed out or not (vLLM's V2 warm-up writes to ids 1, 2, ...
+        regardless): piece i of id b is at (i * G + b) * block_bytes, so an id past its page's G blocks reaches into
+        the next page in the later pieces. Empty for no ids."""
+        ids = list(block_ids)
+        if not ids:
+            return range(0)
+        first = min(ids) * self.block_bytes // self.page_bytes
+        end = ((self.geometry.num_pieces - 1) * self.blocks_per_page + max(ids) + 1) * self.block_bytes
+        last = (end - 1) // self.page_bytes
+        if min(ids) < 0 or last >= self.num_pages:
+            raise ValueError(f"block ids {min(ids)}..{max(ids)} lie outside the {self.num_pages} pages")
+        return range(first, last + 1)
 
     def block_ids(self, page: int) -> range:
         first = page * self.ids_per_page

@@ -63,7 +63,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -294,6 +294,7 @@ class PageFollower:
         self._poll_s, self._on_error = poll_s, on_error
         self._synced_at: Optional[int] = None  # change counter of the last pass that left the mappings as wanted
         self._deferred = False  # a pass during a step left unmapping for after it
+        self._extra: set[int] = set()  # pages mapped for the worker's own use, not the table's (map_extra)
         self._stop = threading.Event()
         self._sync(unmap=True)
         self._thread = threading.Thread(target=self._run, name="kvcached-follower", daemon=True)
@@ -327,12 +328,34 @@ class PageFollower:
         finally:
             self._step_lock.release()
 
+    def map_extra(self, pages: Iterable[int]) -> None:
+        """Map pages the table does not want, for KV that the worker writes on its own (vLLM's V2 warm-up makes up
+        requests with blocks 1, 2, ... that no scheduler handed out), until unmap_extra(). A page the table comes to
+        want meanwhile becomes the table's. Raises DriverError when the device has no memory for them."""
+        size = self.table.page_bytes
+        with self._map_lock:
+            for page in sorted(set(pages) - self._extra):
+                if not self.mapped[page]:
+                    self._vmm.map(self._base + page * size, size)
+                    self._extra.add(page)
+
+    def unmap_extra(self) -> None:
+        """Unmap what map_extra() mapped (the caller has made sure no kernel still uses it)."""
+        size = self.table.page_bytes
+        with self._map_lock:
+            for page in sorted(self._extra):
+                self._vmm.unmap(self._base + page * size, size)
+            self._extra.clear()
+
     def _sync(self, unmap: bool) -> bool:
         """Unmap (when allowed) what the table no longer wants, then map what it wants, never holding more pages than
         it wants, and answer every request (see the Notes). Returns whether the mappings now match the table."""
         size, table = self.table.page_bytes, self.table
         with self._map_lock:
             wanted, request, changes = table.snapshot()
+            for page in [page for page in self._extra if wanted[page]]:  # mapped already: the table's now
+                self._extra.discard(page)
+                self.mapped[page] = 1
             if unmap:
                 for page in np.flatnonzero(wanted < self.mapped).tolist():
                     self._vmm.unmap(self._base + page * size, size)
@@ -365,6 +388,7 @@ class PageFollower:
         self._stop.set()
         self.table.wake()
         self._thread.join()
+        self.unmap_extra()
         with self._map_lock:
             for page in np.flatnonzero(self.mapped).tolist():
                 self._vmm.unmap(self._base + page * self.table.page_bytes, self.table.page_bytes)

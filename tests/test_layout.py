@@ -66,3 +66,22 @@ def test_virtual_size_below_one_page_is_refused():
 def test_bad_geometry_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         KVGeometry(dtype=torch.float16, **kwargs)
+
+
+def test_the_pages_under_ids_cover_every_piece_of_them_handed_out_or_not():
+    """vLLM's V2 warm-up writes KV to ids 1, 2, ... whether or not they are valid: an invalid id's later pieces reach
+    into the next page."""
+    layout = KVLayout(LLAMA_8B, 2 * MIB, 2 * MIB, 4 << 30)
+    assert layout.pages_under(range(1, 64)) == range(0, 1)  # ids 1..63: valid, all in page 0
+    assert layout.pages_under(range(1, 65)) == range(0, 2)  # id 64: piece 63 at (63 * 64 + 64) * 32 KiB = page 1
+    assert layout.pages_under(range(1, 1025)) == range(0, 2)
+    assert layout.pages_under([5 * 4096 + 7]) == range(5, 6)
+    assert layout.pages_under([]) == range(0)
+    base = torch.empty(layout.reserved_bytes, dtype=torch.uint8, device="meta")
+    for block in (1, 64, 1024, 4095):
+        pages = layout.pages_under([block])
+        for piece in (0, 63):
+            offset = layout.piece_view(base, piece)[block].storage_offset() * 2
+            assert pages.start * layout.page_bytes <= offset < pages.stop * layout.page_bytes - layout.block_bytes + 1
+    with pytest.raises(ValueError, match=r"^block ids 0\.\.131072 lie outside the 32 pages$"):
+        layout.pages_under([0, 32 * 4096])

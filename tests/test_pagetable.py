@@ -14,7 +14,7 @@ from kvcached.hostmem import host_memory
 from kvcached.pagetable import PageTable, TableVirtualMemory
 from kvcached.vmm import open_vmm
 from conftest import BLOCKS_PER_PAGE, PAGE, SMALL, quiet_config
-from pagetable_child import Child
+from pagetable_child import Child, resident_bytes
 from waiting import wait_until
 
 
@@ -165,6 +165,33 @@ def test_a_step_follows_every_change_even_after_steps_with_nothing_new(tmp_path)
         follower.close()
         vmm.unreserve(base, 4 * PAGE)
         table.close()
+
+
+def test_extra_pages_are_mapped_for_the_worker_until_unmapped_and_a_page_the_table_wants_becomes_its(tmp_path):
+    """vLLM's V2 warm-up writes KV to blocks no scheduler handed out: the worker maps their pages itself."""
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE)
+    vmm = open_vmm("cpu")
+    base = vmm.reserve(4 * PAGE)
+    follower = pagetable.PageFollower(table, vmm, base)
+    try:
+        follower.map_extra([1, 2])
+        memory = vmm.tensor(base, 4 * PAGE)
+        memory[PAGE : 3 * PAGE].fill_(7)  # the warm-up's writes: a crash if the pages were not mapped
+        assert resident_bytes(base, 4 * PAGE) == 2 * PAGE
+        assert follower.mapped.nonzero()[0].tolist() == []  # not the table's: the table wants none
+        table.set_wanted(2, True)
+        follower.before_step()
+        follower.after_step()
+        assert follower.mapped.nonzero()[0].tolist() == [2] and table.answered[0, 2] == table.request[2]
+        follower.unmap_extra()
+        assert resident_bytes(base, 4 * PAGE) == PAGE  # page 1 went back; page 2, now the table's, stays
+        assert memory[2 * PAGE : 3 * PAGE].eq(7).all()
+        follower.unmap_extra()  # nothing left to unmap
+    finally:
+        follower.close()
+        vmm.unreserve(base, 4 * PAGE)
+        table.close()
+    assert resident_bytes(base, 4 * PAGE) == 0
 
 
 @pytest.fixture

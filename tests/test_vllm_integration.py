@@ -260,3 +260,56 @@ def test_each_rank_gets_the_gpu_vllm_gives_its_local_rank(monkeypatch):
     config = engine_config(tp=2)
     config.device_config.device_type = "cuda"
     assert planning.devices_of(config) == ("cuda:2", "cuda:1")
+
+
+def test_the_v2_warm_up_gets_the_pages_of_its_made_up_blocks_and_gives_them_back(tmp_path, monkeypatch):
+    """vLLM 0.26's V2 runner warms up with real steps on made-up requests whose blocks 1, 2, ... no scheduler handed
+    out: their pages are mapped for it (here: written through, a crash if not), and unmapped when it is done."""
+    import torch
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    from kvcached.integrations.vllm import worker
+    from pagetable_child import resident_bytes
+
+    plan = planning.ElasticPlan(
+        devices=("cpu",), num_layers=2, block_bytes=4096, block_size=16, piece_page_bytes=4 * 4096, granularity=4096,
+        virtual_bytes=8 * PAGE, table_path=str(tmp_path / "pages"), ipc_name="warm-up-test",
+    )
+    layout = plan.layout()
+    table = PageTable.create(plan.table_path, layout.num_pages, PAGE)
+    table.set_wanted(0, True)  # the null block's page, as the engine core marks it
+    monkeypatch.setattr(worker, "tensor_parallel_rank", lambda: 0)
+    monkeypatch.setattr(worker, "_worker_kv", None)
+    kv = worker.reservation(SimpleNamespace(**{planning._ATTR: asdict(plan)}), torch.device("cpu"))
+    prefill = SchedulerOutput.make_empty()
+    prefill.scheduled_new_reqs = [
+        NewRequestData(req_id=f"w{i}", prompt_token_ids=[1, 2], mm_features=[], sampling_params=None,
+                       pooling_params=None, block_ids=([i],), num_computed_tokens=0, lora_request=None)
+        for i in range(1, 9)  # ids 1..8: page 0's valid ids 1..3, then ids 4..7 that no page hands out, then page 1
+    ]
+    decode = SchedulerOutput.make_empty()
+    decode.scheduled_cached_reqs = CachedRequestData.make_empty()
+    decode.scheduled_cached_reqs.new_block_ids = [None, ([9],)]
+    seen = []
+
+    def model(output):  # the step: writes every layer of every block it was given
+        for block in worker.block_ids_of(output):
+            for layer in range(plan.num_layers):
+                layout.piece_view(kv.raw, layer)[block].fill_(1)
+        seen.append(resident_bytes(kv.base, kv.size))
+
+    def warmup_kernels(runner, execute_model, sample_tokens):
+        execute_model(prefill)
+        execute_model(decode)
+        return "warmed"
+
+    try:
+        assert worker.block_ids_of(prefill) == list(range(1, 9)) and worker.block_ids_of(decode) == [9]
+        assert layout.pages_under(range(1, 9)) == range(0, 2)
+        assert worker.warm_up(warmup_kernels, None, model, None) == "warmed"
+        assert seen == [2 * PAGE, 2 * PAGE]  # pages 0 and 1, then nothing new for id 9 (page 1)
+        assert resident_bytes(kv.base, kv.size) == PAGE  # only the null block's page stays
+        assert kv.follower.mapped.nonzero()[0].tolist() == [0]
+    finally:
+        kv.close()
+        table.close()

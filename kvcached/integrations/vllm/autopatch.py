@@ -10,18 +10,22 @@ Note: each patch replaces one function or class that vLLM looks up by name at ca
                vllm.v1.core.sched.scheduler.Scheduler       __init__: blocks come back only after the last step that may
                                                             use them (async scheduling); schedule: one step holds the
                                                             limit lock and promises only mapped blocks (block_pool.py)
-  worker       the KV allocation (versions.py: vllm.v1.worker.gpu_model_runner.allocate_kv_cache or
+  worker (V1)  the KV allocation (versions.py: vllm.v1.worker.gpu_model_runner.allocate_kv_cache or
                GPUModelRunner._allocate_kv_cache_tensors)   KV tensors over the reservation
                GPUModelRunner.initialize_kv_cache_tensors   check the views: blocks first, one block contiguous
                GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step (each
                                                             rank on its own device; a rank >= 1 that cannot ends its
                                                             process, so the engine stops instead of hanging)
+  worker (V2)  vllm.v1.worker.gpu.attn_utils._allocate_kv_cache, _reshape_kv_cache, and
+               vllm.v1.worker.gpu.model_runner.GPUModelRunner.execute_model: the same three, for the V2 model runner
+               vllm.v1.worker.gpu_worker.warmup_kernels     map the pages of the made-up blocks its warm-up writes
                CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
                vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
 vLLM's GPU defaults work unchanged: CUDA graphs (the KV tensors' addresses never change), async scheduling (the
-deferred frees above), and the V1 model runner is chosen (VLLM_USE_V2_MODEL_RUNNER=0, said once in the log). A vLLM
-version without a row in versions.py, the V2 model runner, or pipeline, context or data parallel stop the engine at
-start-up with a message saying so: kvcached never lets vLLM run its static pool while enabled.
+deferred frees above), and whichever model runner vLLM picks where versions.py says kvcached supports V2 (elsewhere
+VLLM_USE_V2_MODEL_RUNNER=0 chooses V1, said once in the log). A vLLM version without a row in versions.py, V2 where
+it is not supported, or pipeline, context or data parallel stop the engine at start-up with a message saying so:
+kvcached never lets vLLM run its static pool while enabled.
 """
 
 from __future__ import annotations
@@ -38,21 +42,24 @@ logger = logging.getLogger("vllm.kvcached")
 
 
 def install() -> None:
-    # The step hook wraps the V1 model runner; vLLM picks V2 on GPUs unless told otherwise.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     when_imported("vllm", _check_vllm)
     when_imported("vllm.v1.engine.core", _patch_engine_core)
     when_imported("vllm.v1.core.kv_cache_coordinator", _patch_coordinator)
     when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
     when_imported("vllm.v1.worker.gpu_model_runner", _patch_model_runner)
+    when_imported("vllm.v1.worker.gpu.attn_utils", _patch_attn_utils_v2)
+    when_imported("vllm.v1.worker.gpu.model_runner", _patch_model_runner_v2)
     when_imported("vllm.v1.worker.cpu_worker", _patch_worker_class("CPUWorker"))
     when_imported("vllm.v1.worker.gpu_worker", _patch_gpu_worker)
 
 
 def _check_vllm(vllm: ModuleType) -> None:
-    versions.select(str(getattr(vllm, "__version__", "unknown")))
+    row = versions.select(str(getattr(vllm, "__version__", "unknown")))
+    if row.model_runner_v2:
+        return
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
-        raise RuntimeError("kvcached supports vLLM's V1 model runner only: unset VLLM_USE_V2_MODEL_RUNNER")
+        raise RuntimeError(f"kvcached supports vLLM {row.version}'s V1 model runner only: unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # read by vLLM later, in this process and its children
 
 
 def _patch_engine_core(module: ModuleType) -> None:
@@ -69,9 +76,10 @@ def _patch_engine_core(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-        if getattr(vllm_config, "use_v2_model_runner", False):
-            raise RuntimeError("kvcached supports vLLM's V1 model runner only; this configuration makes vLLM use V2 "
-                               "(unset ENABLE_KVCACHED to run it without kvcached)")
+        v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+        if v2 and not versions.running().model_runner_v2:
+            raise RuntimeError(f"kvcached supports vLLM {versions.running().version}'s V1 model runner only; this "
+                               "configuration makes vLLM use V2 (unset ENABLE_KVCACHED to run it without kvcached)")
         config = Config.from_env()
         plan = planning.make_plan(vllm_config, kv_cache_specs, config)
         layout = plan.layout()
@@ -81,8 +89,8 @@ def _patch_engine_core(module: ModuleType) -> None:
         table.set_wanted(0, True)  # the null block's page: mapped before the first step can point at it
         configs = original(vllm_config, kv_cache_specs, [planning.usable_bytes(plan)] * len(available_memory))
         planning.rewrite_configs(configs, plan)
-        logger.info("kvcached: vLLM %s with its V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), async scheduling %s",
-                    versions.running().version,
+        logger.info("kvcached: vLLM %s with its %s model runner, async scheduling %s", versions.running().version,
+                    "V2" if v2 else "V1",
                     "on" if getattr(vllm_config.scheduler_config, "async_scheduling", False) else "off")
         return configs
 
@@ -138,11 +146,8 @@ def _patch_model_runner(module: ModuleType) -> None:
         module.GPUModelRunner._allocate_kv_cache_tensors = worker.allocate_kv_cache_per_layer
     else:
         module.allocate_kv_cache = worker.allocate_kv_cache
-    original, initialize = module.GPUModelRunner.execute_model, module.GPUModelRunner.initialize_kv_cache_tensors
-
-    @functools.wraps(original)
-    def execute_model(self, *args, **kwargs):
-        return worker.run_step(original, self, *args, **kwargs)
+    _hook_step(module.GPUModelRunner)
+    initialize = module.GPUModelRunner.initialize_kv_cache_tensors
 
     @functools.wraps(initialize)
     def initialize_kv_cache_tensors(self, *args, **kwargs):
@@ -150,8 +155,42 @@ def _patch_model_runner(module: ModuleType) -> None:
         worker.check_blocks_first(kv_caches)
         return kv_caches
 
-    module.GPUModelRunner.execute_model = execute_model
     module.GPUModelRunner.initialize_kv_cache_tensors = initialize_kv_cache_tensors
+
+
+def _hook_step(runner_class: type) -> None:
+    """The model runner's step maps what the scheduler wants before it runs, and nothing is unmapped during it."""
+    from . import worker
+
+    original = runner_class.execute_model
+
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        return worker.run_step(original, self, *args, **kwargs)
+
+    runner_class.execute_model = execute_model
+
+
+def _patch_attn_utils_v2(module: ModuleType) -> None:
+    from . import worker
+
+    if not versions.running().model_runner_v2:
+        return
+    reshape = module._reshape_kv_cache
+
+    @functools.wraps(reshape)
+    def _reshape_kv_cache(*args, **kwargs):
+        kv_caches = reshape(*args, **kwargs)
+        worker.check_blocks_first(kv_caches)
+        return kv_caches
+
+    module._allocate_kv_cache = worker.allocate_kv_cache_v2
+    module._reshape_kv_cache = _reshape_kv_cache
+
+
+def _patch_model_runner_v2(module: ModuleType) -> None:
+    if versions.running().model_runner_v2:
+        _hook_step(module.GPUModelRunner)
 
 
 def _patch_gpu_worker(module: ModuleType) -> None:
@@ -159,6 +198,8 @@ def _patch_gpu_worker(module: ModuleType) -> None:
 
     _patch_worker_class("Worker")(module)
     module.request_memory = worker.requested_memory
+    if versions.running().model_runner_v2:
+        module.warmup_kernels = functools.partial(worker.warm_up, module.warmup_kernels)
 
 
 def _patch_worker_class(name: str):

@@ -11,10 +11,16 @@ a row is refused at start-up (autopatch.py). Differences, read from each release
                          and reshapes them itself                        and cuts views with create_kv_cache_views
   block_has_pool         KVCacheBlock(block_id)                          KVCacheBlock(block_id, pool=...), block.pool
   pool_reuse_watchers    no BlockPool._reuse_watchers / unpin_blocks     BlockPool._reuse_watchers, _notify_reuse
+  model_runner_v2        the V2 model runner (vLLM's GPU default for      V2 needs Triton, which the CPU build lacks:
+                         Llama-like models) is supported: its KV in       the V1 runner is chosen
+                         gpu.attn_utils._allocate_kv_cache (one tensor    (VLLM_USE_V2_MODEL_RUNNER=0)
+                         per layer), its step gpu.model_runner
+                         .GPUModelRunner.execute_model, and its warm-up
+                         writes KV to blocks 1.. (gpu_worker.warmup_kernels)
 
 What both share stays out of the table: the hooks on get_kv_cache_configs, the coordinator's BlockPool and
-get_num_blocks_to_allocate, Scheduler, GPUModelRunner.execute_model, Worker/CPUWorker.__init__; async scheduling and
-the V2 model runner default on for GPUs in both (autopatch.py handles them the same way).
+get_num_blocks_to_allocate, Scheduler, the V1 GPUModelRunner.execute_model, Worker/CPUWorker.__init__; async scheduling
+defaults on for GPUs in both (autopatch.py handles it the same way).
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ class VllmVersion:
     per_layer_kv_tensors: bool
     block_has_pool: bool
     pool_reuse_watchers: bool
+    model_runner_v2: bool
 
 
 ROWS = {
-    "0.26.0": VllmVersion("0.26.0", per_layer_kv_tensors=True, block_has_pool=False, pool_reuse_watchers=False),
-    "0.32.0": VllmVersion("0.32.0", per_layer_kv_tensors=False, block_has_pool=True, pool_reuse_watchers=True),
+    "0.26.0": VllmVersion("0.26.0", per_layer_kv_tensors=True, block_has_pool=False, pool_reuse_watchers=False,
+                           model_runner_v2=True),
+    "0.32.0": VllmVersion("0.32.0", per_layer_kv_tensors=False, block_has_pool=True, pool_reuse_watchers=True,
+                           model_runner_v2=False),
 }
 SUPPORTED_VLLM = tuple(ROWS)
 

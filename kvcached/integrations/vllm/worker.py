@@ -100,12 +100,22 @@ def allocate_kv_cache(kv_cache_config: Any, device: torch.device, layout: Any, k
 
 
 def allocate_kv_cache_per_layer(runner: Any, kv_cache_config: Any) -> dict[str, torch.Tensor]:
-    """Replacement for GPUModelRunner._allocate_kv_cache_tensors (one KV tensor per layer): layer l's raw int8 tensor
-    is its slice of the reservation; vLLM's _reshape_kv_cache_tensors shapes it."""
-    kv = reservation(kv_cache_config, runner.device)
+    """Replacement for the V1 runner's GPUModelRunner._allocate_kv_cache_tensors (one KV tensor per layer): layer
+    l's raw int8 tensor is its slice of the reservation; vLLM's _reshape_kv_cache_tensors shapes it."""
+    return _layer_slices(kv_cache_config, runner.device)
+
+
+def allocate_kv_cache_v2(kv_cache_config: Any, shared_layers: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Replacement for the V2 runner's attn_utils._allocate_kv_cache (one KV tensor per layer; layers that share
+    another's KV are in `shared_layers` and get none): the same slices; vLLM's _reshape_kv_cache shapes them."""
+    return _layer_slices(kv_cache_config, device)
+
+
+def _layer_slices(kv_cache_config: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    kv = reservation(kv_cache_config, device)
     layout = kv.plan.layout()
-    return {t.shared_by[0]: layout.piece_view(kv.raw, layer).view(-1)
-            for layer, t in enumerate(kv_cache_config.kv_cache_tensors)}
+    slices = [layout.piece_view(kv.raw, layer).view(-1) for layer in range(len(kv_cache_config.kv_cache_tensors))]
+    return {name: raw for raw, t in zip(slices, kv_cache_config.kv_cache_tensors) for name in t.shared_by}
 
 
 def check_blocks_first(kv_caches: dict) -> None:
@@ -146,6 +156,34 @@ def run_step(execute_model, self, *args, **kwargs):
         return execute_model(self, *args, **kwargs)
     finally:
         kv.follower.after_step()
+
+
+def warm_up(warmup_kernels, model_runner: Any, execute_model, sample_tokens) -> Any:
+    """Around the V2 runner's kernel warm-up (vllm.v1.worker.gpu.warmup.warmup_kernels): it runs real steps on
+    made-up requests whose blocks 1, 2, ... no scheduler handed out, so their pages are mapped for it (touching an
+    unmapped address would kill the CUDA context), and unmapped once its kernels are done."""
+    kv = _worker_kv
+    if kv is None:
+        return warmup_kernels(model_runner, execute_model, sample_tokens)
+    layout = kv.plan.layout()
+
+    def execute(scheduler_output, *args, **kwargs):
+        kv.follower.map_extra(layout.pages_under(block_ids_of(scheduler_output)))
+        return execute_model(scheduler_output, *args, **kwargs)
+
+    try:
+        return warmup_kernels(model_runner, execute, sample_tokens)
+    finally:
+        if parse_device(kv.vmm.device).is_cuda:  # unmapping does not wait for kernels in flight
+            torch.cuda.synchronize(kv.vmm.device)
+        kv.follower.unmap_extra()
+
+
+def block_ids_of(scheduler_output: Any) -> list[int]:
+    """Every block id a scheduler output gives its requests, new and running, in every KV cache group."""
+    groups = [req.block_ids for req in scheduler_output.scheduled_new_reqs]
+    groups += [ids for ids in scheduler_output.scheduled_cached_reqs.new_block_ids if ids is not None]
+    return [block for per_group in groups for ids in per_group for block in ids]
 
 
 def use_placeholder_kv_size(vllm_config: Any) -> None:
