@@ -148,10 +148,18 @@ def part_tokens(gpu: Gpu) -> dict:
     checks = {"all_ran": all(tokens.values()),
               "kvcached_active": all("kvcached is active" in open(logs[f"offline_kvcached_{m}"]).read()
                                      for m in ("eager", "graphs"))}
+    runners = {run: model_runner(path) for run, path in logs.items()}
     for mode in ("eager", "graphs"):
         checks[f"identical_{mode}"] = bool(tokens[f"offline_vanilla_{mode}"]) and (
             tokens[f"offline_vanilla_{mode}"] == tokens[f"offline_kvcached_{mode}"])
-    return {"checks": checks, "tokens": tokens, "errors_in_logs": {run: errors(path) for run, path in logs.items()}}
+        checks[f"same_model_runner_{mode}"] = runners[f"offline_vanilla_{mode}"] == runners[f"offline_kvcached_{mode}"]
+    return {"checks": checks, "tokens": tokens, "model_runner": runners,
+            "errors_in_logs": {run: errors(path) for run, path in logs.items()}}
+
+
+def model_runner(log_path: str) -> str:
+    """Which vLLM model runner an engine used, from its log (vLLM 0.26 says "Using V2 Model Runner" once)."""
+    return "V2" if "Using V2 Model Runner" in open(log_path).read() else "V1"
 
 
 def wait_for_memory(gpu: Gpu, baseline: int, timeout_s: float = 120) -> None:
