@@ -20,9 +20,10 @@ Note [a promise is only made for memory the worker holds]: when two engines race
 scheduler may decide to map a page that a worker then cannot get (CUDA out of memory). So the workers answer every
 request: each `map` bumps that page's request number, and each follower writes back, in its rank's row, the last
 request it answered and whether the page is mapped or failed (it never raises for lack of memory).
-`TableVirtualMemory.settle()` waits for every rank's answer on every wanted page and names the pages that failed on
-any rank: the block pool promises blocks to vLLM only after that (integrations/vllm/block_pool.py), and gives failed
-pages back instead, so vLLM waits as with a full pool.
+`TableVirtualMemory.settle()` waits for every rank's answer on the pages asked about (those of the blocks about to be
+promised, not the reserve premapped for later) and names those that failed on any rank: the block pool promises
+blocks to vLLM only after that (integrations/vllm/block_pool.py), and gives failed pages back instead, so vLLM waits
+as with a full pool.
 
 Note [the worker never holds more than the table wants]: the scheduler's page allocator keeps the wanted pages under
 the limit at every instant (it marks a page unwanted before it lets another page be wanted in its place), so a
@@ -236,20 +237,24 @@ class TableVirtualMemory(VirtualMemory):
     def unmap(self, address: int, size: int) -> None:
         self.table.set_wanted(self._page(address, size), False)
 
-    def settle(self, timeout_s: float = ANSWER_TIMEOUT_S) -> list[int]:
-        """Wait until every rank has answered for every wanted page; returns the pages some rank could not map (see
-        the Notes).
+    def settle(self, pages: Optional[Iterable[int]] = None, timeout_s: float = ANSWER_TIMEOUT_S) -> list[int]:
+        """Wait until every rank has answered for `pages` (wanted ones; default: every wanted page); returns those
+        some rank could not map (see the Notes). A caller about to promise blocks names their pages: pages premapped
+        ahead for later (the reserve) are no reason to wait.
 
         Raises DriverError, naming the ranks, when answers are missing after `timeout_s` (a worker is stuck or dead)."""
         table, deadline = self.table, time.monotonic() + timeout_s
         changes = table.changes  # read before the arrays: a page marked meanwhile makes the next call look again
         if changes == self._settled_at:
             return []  # see the Note [nothing new, nothing to do]
+        chosen = None if pages is None else np.fromiter(set(pages), dtype=np.intp)
         while True:
-            wanted = table.wanted.astype(bool)
-            late = (table.answered[:, wanted] != table.request[wanted]).any(axis=1)
+            which = table.wanted.astype(bool) if chosen is None else chosen
+            late = (table.answered[:, which] != table.request[which]).any(axis=1)
             if not late.any():
-                failed = np.flatnonzero(wanted & (table.state == FAILED).any(axis=0)).tolist()
+                if chosen is not None:
+                    return chosen[(table.state[:, chosen] == FAILED).any(axis=0)].tolist()
+                failed = np.flatnonzero(which & (table.state == FAILED).any(axis=0)).tolist()
                 self._settled_at = None if failed else changes
                 return failed
             if time.monotonic() > deadline:

@@ -143,6 +143,25 @@ def test_a_page_marked_after_a_settle_is_waited_for_not_answered_from_the_last_s
         table.close()
 
 
+def test_settling_some_pages_waits_for_those_only_and_names_those_that_failed(tmp_path):
+    """The block pool waits for the pages of the blocks it is about to promise, not for the reserve being premapped."""
+    table = PageTable.create(str(tmp_path / "pages"), 4, PAGE)
+    try:
+        vmm = TableVirtualMemory(table, ["cpu"], 4096)
+        for page in (0, 1, 2):
+            vmm.map(page * PAGE, PAGE)
+        table.answer(0, 0, 1, pagetable.MAPPED)
+        table.answer(0, 2, 1, pagetable.FAILED)
+        assert vmm.settle([0], timeout_s=0.05) == []  # page 1 (never answered) is no reason to wait
+        assert vmm.settle([0, 2], timeout_s=0.05) == [2]
+        with pytest.raises(DriverError, match=r"^the worker \(rank 0\) did not map the KV pages the scheduler wants"):
+            vmm.settle([0, 1], timeout_s=0.05)
+        table.answer(0, 1, 1, pagetable.MAPPED)
+        assert vmm.settle([1, 0], timeout_s=0.05) == [] and vmm.settle(timeout_s=0.05) == [2]
+    finally:
+        table.close()
+
+
 def test_a_step_follows_every_change_even_after_steps_with_nothing_new(tmp_path):
     """before_step() skips its pass when nothing changed since the last complete one, and only then: with the
     follower thread stopped, every mapping below is made by a step's own pass."""

@@ -107,7 +107,7 @@ def _patch_coordinator(module: ModuleType) -> None:
     @functools.wraps(original)
     def get_num_blocks_to_allocate(self, *args, **kwargs):
         count = original(self, *args, **kwargs)
-        if isinstance(self.block_pool, ElasticBlockPool):
+        if count and isinstance(self.block_pool, ElasticBlockPool):  # none needed (most decode steps): nothing to hold
             self.block_pool.expect(count, admission=bool(kwargs.get("apply_admission_cap")))
         return count
 

@@ -223,8 +223,8 @@ class ElasticBlockPool(BlockPool):
                 return
 
     def _mapped(self, ids: list[int]) -> bool:
-        """Whether the worker mapped every page; if not, `ids` and the pages that failed go back."""
-        failed = self.vmm.settle()
+        """Whether the worker mapped the pages of `ids`; if not, `ids` and the pages that failed go back."""
+        failed = self.vmm.settle({self.kv.layout.page_of(block_id) for block_id in ids})
         if not failed:
             return True
         now = time.monotonic()
