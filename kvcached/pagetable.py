@@ -80,7 +80,7 @@ _VERSION = 4
 _HEADER = struct.Struct("<8sIIQQI")  # magic, version, num_pages, page_bytes, change counter, ranks
 _COUNTER_AT = 24
 _ARRAYS_AT = 64
-POLL_S = 0.005  # the follower's fallback poll; a write to the wake FIFO wakes it at once
+POLL_S = 0.1  # the follower's fallback poll (a wake-up takes the engine's GIL); the wake FIFO wakes it at once
 ANSWER_TIMEOUT_S = 60.0  # a worker that answers nothing for this long is stuck or dead
 MAPPED, FAILED = 1, 2
 
@@ -247,20 +247,29 @@ class TableVirtualMemory(VirtualMemory):
         changes = table.changes  # read before the arrays: a page marked meanwhile makes the next call look again
         if changes == self._settled_at:
             return []  # see the Note [nothing new, nothing to do]
-        chosen = None if pages is None else np.fromiter(set(pages), dtype=np.intp)
+        if pages is not None:
+            return self._settle_pages(sorted(set(pages)), deadline, timeout_s)
         while True:
-            which = table.wanted.astype(bool) if chosen is None else chosen
-            late = (table.answered[:, which] != table.request[which]).any(axis=1)
+            wanted = table.wanted.astype(bool)
+            late = (table.answered[:, wanted] != table.request[wanted]).any(axis=1)
             if not late.any():
-                if chosen is not None:
-                    return chosen[(table.state[:, chosen] == FAILED).any(axis=0)].tolist()
-                failed = np.flatnonzero(which & (table.state == FAILED).any(axis=0)).tolist()
+                failed = np.flatnonzero(wanted & (table.state == FAILED).any(axis=0)).tolist()
                 self._settled_at = None if failed else changes
                 return failed
             if time.monotonic() > deadline:
-                ranks = ", ".join(map(str, np.flatnonzero(late).tolist()))
-                raise DriverError(f"the worker (rank {ranks}) did not map the KV pages the scheduler wants within "
-                                  f"{timeout_s:.0f} s")
+                raise _no_answer(np.flatnonzero(late).tolist(), timeout_s)
+            time.sleep(0.0001)
+
+    def _settle_pages(self, pages: list[int], deadline: float, timeout_s: float) -> list[int]:
+        """settle() for the few pages of one allocation, every step or so: plain indexing, no whole-table arrays."""
+        table, ranks = self.table, range(self.table.ranks)
+        answered, request, state = table.answered, table.request, table.state
+        while True:
+            late = [rank for rank in ranks if any(answered[rank, page] != request[page] for page in pages)]
+            if not late:
+                return [page for page in pages if any(state[rank, page] == FAILED for rank in ranks)]
+            if time.monotonic() > deadline:
+                raise _no_answer(late, timeout_s)
             time.sleep(0.0001)
 
     def total_memory(self) -> int:
@@ -281,6 +290,11 @@ class TableVirtualMemory(VirtualMemory):
         if size != self.table.page_bytes or address % size:
             raise ValueError(f"page table pages are {self.table.page_bytes} bytes at page boundaries")
         return address // size
+
+
+def _no_answer(ranks: list[int], timeout_s: float) -> DriverError:
+    return DriverError(f"the worker (rank {', '.join(map(str, ranks))}) did not map the KV pages the scheduler wants "
+                       f"within {timeout_s:.0f} s")
 
 
 class PageFollower:

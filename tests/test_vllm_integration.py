@@ -107,6 +107,20 @@ def test_a_full_pool_evicts_the_cached_blocks_of_a_cache_only_page_before_older_
     assert pool.kv.memory_stats().used_bytes == PAGE and pool.kv.memory_stats().premapped_bytes == 0
 
 
+def test_cached_blocks_stay_on_no_more_pages_than_they_fill_the_oldest_page_goes(pool):
+    pool.max_cached_blocks = 4  # KVCACHED_MAX_CACHED_TOKENS of one page: 4 blocks of 16 tokens
+    first, second, third = pool.get_new_blocks(3), pool.get_new_blocks(4), pool.get_new_blocks(4)  # pages 0, 1, 2
+    cache(pool, second[:2])
+    pool.free_blocks(second[2:])  # page 1: blocks 8 and 9 cached, nothing in use
+    cache(pool, third[:2])  # page 2: 16 and 17 cached beside 18 and 19 in use: not a cache-only page yet
+    assert sorted(pool._cached) == [8, 9, 16, 17] and pool.kv.pages.pages_in_use() == {0, 1, 2}
+    pool.free_blocks(third[2:])  # two cache-only pages holding 4 blocks, which fit one: the older page goes
+    assert sorted(pool._cached) == [16, 17] and is_cached(pool, 16) and not is_cached(pool, 8)
+    assert pool.kv.pages.pages_in_use() == {0, 2}
+    pool.free_blocks(first)
+    assert pool.kv.memory_stats().used_bytes == 2 * PAGE  # the null block's page and page 2 (its 2 cached blocks)
+
+
 def test_an_admission_check_holds_nothing_and_counts_what_could_be_mapped(pool):
     with pool.step():
         pool.expect(100, admission=True)  # will a 100-block prompt fit? (vLLM then compares with the answer)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
 from vllm.v1.core.block_pool import BlockPool
@@ -83,6 +83,7 @@ class ElasticBlockPool(BlockPool):
         self.blocks = _Blocks(self, self.null_block)
         self.free_block_queue = None  # vLLM's queue is replaced by the manager and `_cached`; any use is a bug
         self._cached: dict[int, KVCacheBlock] = {}  # ref_cnt 0 blocks still holding prefix-cache content, LRU first
+        self._cached_on_page: Counter[int] = Counter()  # of `_cached`, per page
         tokens = config.max_cached_tokens
         self.max_cached_blocks = layout.blocks_per_page if tokens is None else tokens // plan.block_size
         stats = self.kv.memory_stats()
@@ -140,7 +141,7 @@ class ElasticBlockPool(BlockPool):
     def touch(self, blocks: Sequence[KVCacheBlock]) -> None:
         for block in blocks:
             if block.ref_cnt == 0 and not block.is_null:
-                del self._cached[block.block_id]
+                self._uncache(block)
             block.ref_cnt += 1
             if self.metrics_collector:
                 self.metrics_collector.on_block_accessed(block)
@@ -156,7 +157,7 @@ class ElasticBlockPool(BlockPool):
                 if block.block_hash is None or not self.enable_caching:
                     released.append(block.block_id)
                 else:
-                    self._cached[block.block_id] = block
+                    self._cache(block)
         if released:
             self.kv.free(released)
         self._bound_cache()
@@ -171,7 +172,7 @@ class ElasticBlockPool(BlockPool):
             block.ref_cnt -= 1
             self._reuse_watchers[block.block_id] = on_reuse
             if block.ref_cnt == 0:
-                self._cached[block.block_id] = block  # readable until reused: kept like a cached block
+                self._cache(block)  # readable until reused: kept like a cached block
 
     def evict_blocks(self, block_ids: set[int]) -> None:
         for block_id in block_ids:
@@ -247,7 +248,7 @@ class ElasticBlockPool(BlockPool):
     def _forget(self, blocks: list[KVCacheBlock]) -> None:
         """Drop cached blocks from the cache (their hashes, so no request can hit them), keeping their ids."""
         for block in blocks:
-            del self._cached[block.block_id]
+            self._uncache(block)
             self._maybe_evict_cached_block(block)
         if self._watchers and self._reuse_watchers:
             self._notify_reuse(blocks)
@@ -258,15 +259,30 @@ class ElasticBlockPool(BlockPool):
         if blocks:
             self.kv.free([block.block_id for block in blocks])
 
+    def _cache(self, block: KVCacheBlock) -> None:
+        self._cached[block.block_id] = block
+        self._cached_on_page[self.kv.layout.page_of(block.block_id)] += 1
+
+    def _uncache(self, block: KVCacheBlock) -> None:
+        del self._cached[block.block_id]
+        page = self.kv.layout.page_of(block.block_id)
+        self._cached_on_page[page] -= 1
+        if not self._cached_on_page[page]:
+            del self._cached_on_page[page]
+
     def _bound_cache(self) -> None:
         """Keep at most `max_cached_blocks` cached blocks, on at most as many pages as they fill, so the memory
-        that an idle engine keeps for its prefix cache is bounded too, not only the block count."""
+        that an idle engine keeps for its prefix cache is bounded too, not only the block count. Runs at every
+        free: the count of cache-only pages comes from the per-page tally, and the cached blocks are walked only
+        when some must go."""
         excess = len(self._cached) - self.max_cached_blocks
         if excess > 0:
             self._evict(self._eviction_order(excess))
-        pages = self._cache_only_pages()
         allowed = ceil_div(self.max_cached_blocks, self.kv.layout.blocks_per_page)
-        if len(pages) > allowed:
+        if len(self._cached_on_page) <= allowed:
+            return
+        if sum(self.kv.page_fill(page) == count for page, count in self._cached_on_page.items()) > allowed:
+            pages = self._cache_only_pages()
             self._evict([block for blocks in pages[: len(pages) - allowed] for block in blocks])
 
     def _cache_only_pages(self) -> list[list[KVCacheBlock]]:
