@@ -16,11 +16,11 @@ Note: each patch replaces one function or class that vLLM looks up by name at ca
                GPUModelRunner.execute_model (CPUModelRunner inherits it)   map before, no unmap during a step (each
                                                             rank on its own device; a rank >= 1 that cannot ends its
                                                             process, so the engine stops instead of hanging)
+               CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
+               vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
   worker (V2)  vllm.v1.worker.gpu.attn_utils._allocate_kv_cache, _reshape_kv_cache, and
                vllm.v1.worker.gpu.model_runner.GPUModelRunner.execute_model: the same three, for the V2 model runner
                vllm.v1.worker.gpu_worker.warmup_kernels     map the pages of the made-up blocks its warm-up writes
-               CPUWorker.__init__, Worker.__init__          skip static sizing (a placeholder KV size)
-               vllm.v1.worker.gpu_worker.request_memory     start beside another engine that holds memory
 vLLM's GPU defaults work unchanged: CUDA graphs (the KV tensors' addresses never change), async scheduling (the
 deferred frees above), and whichever model runner vLLM picks where versions.py says kvcached supports V2 (elsewhere
 VLLM_USE_V2_MODEL_RUNNER=0 chooses V1, said once in the log). A vLLM version without a row in versions.py, V2 where
@@ -58,7 +58,8 @@ def _check_vllm(vllm: ModuleType) -> None:
     if row.model_runner_v2:
         return
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
-        raise RuntimeError(f"kvcached supports vLLM {row.version}'s V1 model runner only: unset VLLM_USE_V2_MODEL_RUNNER")
+        raise RuntimeError(
+            f"kvcached supports vLLM {row.version}'s V1 model runner only: unset VLLM_USE_V2_MODEL_RUNNER")
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # read by vLLM later, in this process and its children
 
 
