@@ -148,15 +148,8 @@ def _patch_model_runner(module: ModuleType) -> None:
     else:
         module.allocate_kv_cache = worker.allocate_kv_cache
     _hook_step(module.GPUModelRunner)
-    initialize = module.GPUModelRunner.initialize_kv_cache_tensors
-
-    @functools.wraps(initialize)
-    def initialize_kv_cache_tensors(self, *args, **kwargs):
-        kv_caches = initialize(self, *args, **kwargs)
-        worker.check_blocks_first(kv_caches)
-        return kv_caches
-
-    module.GPUModelRunner.initialize_kv_cache_tensors = initialize_kv_cache_tensors
+    runner = module.GPUModelRunner
+    runner.initialize_kv_cache_tensors = _checking_views(runner.initialize_kv_cache_tensors)
 
 
 def _hook_step(runner_class: type) -> None:
@@ -172,21 +165,26 @@ def _hook_step(runner_class: type) -> None:
     runner_class.execute_model = execute_model
 
 
+def _checking_views(make_views):
+    """`make_views` (whatever returns vLLM's per-layer KV views), then a check that their blocks come first."""
+    from . import worker
+
+    @functools.wraps(make_views)
+    def checked(*args, **kwargs):
+        kv_caches = make_views(*args, **kwargs)
+        worker.check_blocks_first(kv_caches)
+        return kv_caches
+
+    return checked
+
+
 def _patch_attn_utils_v2(module: ModuleType) -> None:
     from . import worker
 
     if not versions.running().model_runner_v2:
         return
-    reshape = module._reshape_kv_cache
-
-    @functools.wraps(reshape)
-    def _reshape_kv_cache(*args, **kwargs):
-        kv_caches = reshape(*args, **kwargs)
-        worker.check_blocks_first(kv_caches)
-        return kv_caches
-
     module._allocate_kv_cache = worker.allocate_kv_cache_v2
-    module._reshape_kv_cache = _reshape_kv_cache
+    module._reshape_kv_cache = _checking_views(module._reshape_kv_cache)
 
 
 def _patch_model_runner_v2(module: ModuleType) -> None:
